@@ -1,0 +1,257 @@
+"""SL-CAI data: critique-revision of red-team responses (Bai et al. 2022, section 3.1).
+
+For each red-team prompt the model writes a response; then, ``rounds`` times, a principle is sampled from the
+constitution, the model critiques its latest response by that principle and revises it. Few-shot critique/revision
+dialogues go in front of every critique and revision prompt so that a pretrained model stays in role. Helpful
+prompts are mixed in with plain responses (no critique), as the paper does to keep the SL-CAI model helpful.
+
+Every round advances all prompts of a chunk together, in batches. Each chunk's records are appended to
+``records.jsonl`` as soon as the chunk is done, so a killed run loses at most one chunk of work and started again
+with the same command continues where it stopped.
+
+Each round restarts from "Human: prompt / Assistant: latest response" rather than appending all earlier rounds to
+one growing context (the paper's transcripts grow); the model is asked the same thing and the context stays bounded.
+
+Run as ``cai sl-data --config configs/sl_data/tiny.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from cai.constitution import Constitution, load_constitution
+from cai.generation import Generator, SamplingConfig
+from data.jsonl import ResumableJsonl
+from data.prompts import load_prompts_with_stats, mix_prompts
+from models import ModelConfig, load_model, load_tokenizer
+
+STOP = ["\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:", "\n\nCritique:", "\n\nRevision:"]
+# Extra wording of the critique styles the seed recipe names. "plain" uses the principle's request as written.
+STRONG_SUFFIX = " Be thorough and specific: point out every problem, however small, and say why it matters."
+COT_SUFFIX = " Think step by step: is the response helpful, is it honest, is it harmless, and is it free of toxicity?"
+COT_CRITIQUE_START = " Let's think step by step."
+
+
+@dataclass
+class PromptSources:
+    """Which prompts to use."""
+
+    red_team: str = "red_team"
+    """Red-team prompts: a built-in set name (red_team), a JSONL/JSON/Parquet/CSV file or a datasets directory."""
+    helpful: str | None = "helpful"
+    """Helpful prompts answered without critique (built-in name, file or directory); None for none."""
+    helpful_ratio: float = 0.25
+    """Share of helpful prompts in the mix (0.25: one helpful prompt for every three red-team prompts)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (a string, chat messages, or an hh-rlhf transcript)."""
+    max_prompts: int | None = None
+    """Use at most this many prompts in all (after mixing); None for all."""
+    max_prompt_chars: int | None = 4000
+    """Skip (and count) prompts longer than this many characters."""
+    seed: int = 0
+    """Seed of the mixing and shuffling."""
+
+
+@dataclass
+class CritiqueConfig:
+    """How the critique-revision loop runs."""
+
+    rounds: int = 4
+    """Critique-revision rounds per red-team prompt (the paper uses 4)."""
+    style: Literal["plain", "strong", "cot"] = "plain"
+    """``plain``: the principle's critique request; ``strong``: asks for a more thorough critique; ``cot``: asks the
+    model to reason step by step (helpful, honest, harmless, non-toxic) before the revision."""
+    num_few_shot: int | None = None
+    """Few-shot dialogues put in front of each critique/revision prompt; None for all of the constitution's."""
+    seed: int = 0
+    """Seed of the principle sampling (per prompt and round, so a resumed run samples the same principles)."""
+
+
+def _few_shot_context(constitution: Constitution, n: int | None) -> str:
+    shots = constitution.critique_few_shot if n is None else constitution.critique_few_shot[:n]
+    return "".join("\n\n" + s.strip() for s in shots)
+
+
+def _critique_prompt(context: str, prompt: str, response: str, request: str, style: str) -> str:
+    suffix = {"plain": "", "strong": STRONG_SUFFIX, "cot": COT_SUFFIX}[style]
+    start = COT_CRITIQUE_START if style == "cot" else ""
+    dialogue = f"\n\nHuman: {prompt}\n\nAssistant: {response}"
+    return f"{context}{dialogue}\n\nCritiqueRequest: {request}{suffix}\n\nCritique:{start}"
+
+
+def _revision_prompt(critique_prompt: str, critique: str, request: str) -> str:
+    return f"{critique_prompt} {critique}\n\nRevisionRequest: {request}\n\nRevision:"
+
+
+def critique_revise(
+    gen: Generator,
+    constitution: Constitution,
+    rows: list[dict],
+    cfg: CritiqueConfig,
+    sampling: SamplingConfig,
+    stats: dict,
+) -> list[dict]:
+    """Run the initial response and ``cfg.rounds`` critique-revision rounds for a chunk of prompts, batched.
+
+    Args:
+        gen: The generation engine over the model being distilled.
+        constitution: Principles and few-shot dialogues.
+        rows: Prompt rows with ``id``, ``prompt`` and ``kind`` (``red_team`` or ``helpful``).
+        cfg: Rounds, style and few-shot settings.
+        sampling: Sampling settings for every call (the stop strings are set here).
+        stats: Counters updated in place (``empty_revisions``).
+
+    Returns:
+        One record per row, in order.
+    """
+    answer_cfg = SamplingConfig(**{**asdict(sampling), "stop": STOP, "num_samples": 1})
+    raw_cfg = SamplingConfig(**{**asdict(answer_cfg), "prompt_format": "raw"})
+    initial = gen.generate([r["prompt"] for r in rows], answer_cfg)
+    records = []
+    for r, g in zip(rows, initial):
+        text = g[0].text
+        records.append(
+            {
+                "id": r["id"],
+                "kind": r["kind"],
+                "prompt": r["prompt"],
+                "initial_response": text,
+                "rounds": [],
+                "final_response": text,
+            }
+        )
+    context = _few_shot_context(constitution, cfg.num_few_shot)
+    todo = [rec for rec in records if rec["kind"] == "red_team"]
+    for k in range(cfg.rounds):
+        principles = [
+            constitution.sample_critique(random.Random(f"{cfg.seed}/{rec['id']}/{k}")) for rec in todo
+        ]  # seeded per prompt and round: the same on resume, whatever the batching
+        c_prompts = [
+            _critique_prompt(context, rec["prompt"], rec["final_response"], p.critique_request, cfg.style)
+            for rec, p in zip(todo, principles)
+        ]
+        critiques = [g[0].text for g in gen.generate(c_prompts, raw_cfg)]
+        r_prompts = [_revision_prompt(cp, c, p.revision_request) for cp, c, p in zip(c_prompts, critiques, principles)]
+        revisions = [g[0].text for g in gen.generate(r_prompts, raw_cfg)]
+        for rec, p, c, rev in zip(todo, principles, critiques, revisions):
+            if not rev:  # keep the last non-empty response rather than training on an empty one
+                stats["empty_revisions"] += 1
+            rec["rounds"].append({"principle_id": p.id, "critique": c, "revision": rev})
+            rec["final_response"] = rev or rec["final_response"]
+    for rec in records:
+        rec["messages"] = [
+            {"role": "user", "content": rec["prompt"]},
+            {"role": "assistant", "content": rec["final_response"]},
+        ]
+    return records
+
+
+def load_prompt_mix(src: PromptSources) -> tuple[list[dict], dict]:
+    """Load, clean and mix the red-team and helpful prompts. Returns the rows and the skip counters."""
+    red, red_stats = load_prompts_with_stats(
+        src.red_team, prompt_column=src.prompt_column, max_chars=src.max_prompt_chars
+    )
+    counts = {"skipped_empty": red_stats.skipped_empty, "skipped_too_long": red_stats.skipped_too_long}
+    if src.helpful and src.helpful_ratio > 0:
+        helpful, h_stats = load_prompts_with_stats(
+            src.helpful, prompt_column=src.prompt_column, max_chars=src.max_prompt_chars
+        )
+        counts["skipped_empty"] += h_stats.skipped_empty
+        counts["skipped_too_long"] += h_stats.skipped_too_long
+        mixed = mix_prompts(red, helpful, src.helpful_ratio, seed=src.seed)
+    else:
+        mixed = red.add_column("kind", ["red_team"] * len(red))
+    rows = [{"id": str(r["id"]), "prompt": r["prompt"], "kind": r["kind"]} for r in mixed]
+    if len(set(r["id"] for r in rows)) != len(rows):
+        raise ValueError("sl-data: red-team and helpful prompt ids overlap; give the two sets distinct ids")
+    return rows[: src.max_prompts] if src.max_prompts else rows, counts
+
+
+def write_sft_split(records: list[dict], out: Path) -> Path:
+    """Save the (prompt, final revision) pairs as a ``datasets`` directory for SFT."""
+    from datasets import Dataset
+
+    ds = Dataset.from_list(
+        [
+            {
+                "id": r["id"],
+                "kind": r["kind"],
+                "prompt": r["prompt"],
+                "completion": r["final_response"],
+                "messages": r["messages"],
+            }
+            for r in records
+        ]
+    )
+    ds.save_to_disk(str(out))
+    return out
+
+
+def run(
+    out: str = "runs/sl_data",
+    model: ModelConfig | None = None,
+    prompts: PromptSources | None = None,
+    critique: CritiqueConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    constitution: str = "default",
+    chunk_size: int = 64,
+    device: str = "auto",
+) -> Path:
+    """Generate SL-CAI critique-revision data; resumes when ``out`` already holds part of it.
+
+    Args:
+        out: Output folder: records.jsonl (one record per prompt), sft/ (a datasets split) and summary.json.
+        model: The model that answers, critiques and revises (a helpful RLHF model in the paper).
+        prompts: Red-team and helpful prompt sources and their mix.
+        critique: Rounds, critique style and few-shot settings.
+        sampling: Sampling settings (temperature, top_p, max_new_tokens, batch_size, seed).
+        constitution: ``default``, a project YAML file, or a folder with the paper's JSON files.
+        chunk_size: Prompts per chunk; a chunk's records are written together when it finishes.
+        device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    """
+    import torch
+
+    if model is None:
+        raise ValueError("sl-data: model.name_or_path is required (a model directory or hub id)")
+    prompts, critique, sampling = prompts or PromptSources(), critique or CritiqueConfig(), sampling or SamplingConfig()
+    out_dir = Path(out)
+    const = load_constitution(constitution)
+    rows, counts = load_prompt_mix(prompts)
+    store = ResumableJsonl(out_dir / "records.jsonl")
+    todo = [r for r in rows if r["id"] not in store.done]
+    print(f"sl-data: {len(rows)} prompts, {len(rows) - len(todo)} already done, {len(todo)} to go -> {out_dir}")
+    stats = {"empty_revisions": 0}
+    if todo:
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        tok = load_tokenizer(model.tokenizer or model.name_or_path, padding_side="left")
+        gen = Generator(load_model(model).to(dev), tok, sampling)
+        start = time.time()
+        with tqdm(total=len(todo), desc="sl-data", unit="prompt") as bar:
+            for i in range(0, len(todo), chunk_size):
+                chunk = todo[i : i + chunk_size]
+                store.write(critique_revise(gen, const, chunk, critique, sampling, stats))
+                bar.update(len(chunk))
+        print(f"sl-data: {len(todo)} prompts in {time.time() - start:.1f}s")
+    done = {r["id"]: r for r in store.read()}
+    records = [done[r["id"]] for r in rows if r["id"] in done]
+    write_sft_split(records, out_dir / "sft")
+    summary = {
+        "prompts": len(rows),
+        "records": len(records),
+        "rounds": critique.rounds,
+        **counts,
+        **stats,
+        "constitution": const.name,
+        "model": model.name_or_path,
+        "repaired_partial_line": store.repaired,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"sl-data: wrote {out_dir / 'records.jsonl'} and {out_dir / 'sft'}")
+    return out_dir

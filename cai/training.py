@@ -1,0 +1,159 @@
+"""Machinery shared by the training stages (SFT, preference model, PPO): one LightningModule base class.
+
+It loads the Hugging Face network in ``configure_model`` (so that sharding strategies see it being built), shards it
+with FSDP2 when the trainer runs ``ModelParallelStrategy``, builds AdamW with a warmup + cosine schedule, and saves
+the final weights in Hugging Face format with the tokenizer so that any tool can load the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+from models import ModelConfig, load_model, load_tokenizer
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    schedule: str = "cosine"
+    """After warmup: ``cosine`` decay to ``min_lr_ratio * lr`` over ``trainer.max_steps``, or ``constant``."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine schedule)."""
+
+
+def lr_lambda(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Multiplier of the learning rate at optimizer step ``step``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:
+    """The transformer block classes of a HF model (its ``_no_split_modules``), the units that FSDP shards."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (_no_split_modules={names})")
+    return tuple(classes)
+
+
+def shard_fsdp2(model: torch.nn.Module, mesh) -> None:
+    """Apply FSDP2 ``fully_shard`` to every decoder layer and then to the root module."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layer_classes(model)
+    for module in model.modules():
+        if isinstance(module, layers):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+class HFModule(L.LightningModule):
+    """Base class of the training stages: a Hugging Face causal LM (``self.model``) plus common plumbing.
+
+    Args:
+        model: The network to train (a directory made by ``cai tiny-model`` or a previous stage, or a hub id).
+        optim: Optimizer and schedule.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        hf_out: Where the final model is saved in Hugging Face format; default ``<log_dir>/hf``.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        optim: OptimConfig | None = None,
+        gradient_checkpointing: bool = False,
+        hf_out: str | None = None,
+    ):
+        super().__init__()
+        self.model_cfg, self.optim_cfg = model, optim or OptimConfig()
+        self.gradient_checkpointing, self.hf_out = gradient_checkpointing, hf_out
+        self.model: torch.nn.Module | None = None
+
+    def build_network(self) -> torch.nn.Module:
+        """Load the network to train. Subclasses override it to add heads."""
+        return load_model(self.model_cfg)
+
+    def configure_model(self) -> None:
+        """Load the network once, enable checkpointing, and shard it under ``ModelParallelStrategy`` (FSDP2)."""
+        if self.model is not None:
+            return
+        self.model = self.build_network()
+        self.model.train()  # from_pretrained returns eval mode; dropout is off anyway (models.load_model)
+        if self.gradient_checkpointing:
+            hf = self.hf_model
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.config.use_cache = False
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            mesh = self.device_mesh
+            shard_fsdp2(self.model, mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh)
+        elif isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" not in strategy.kwargs:
+            # FSDP1 (``strategy: fsdp``, GPU only): without a policy it would make the whole model one flat unit.
+            # The strategy wraps the module after this hook, reading its kwargs then.
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(set(decoder_layer_classes(self.model)))
+
+    @property
+    def hf_model(self):
+        """The Hugging Face ``PreTrainedModel`` inside ``self.model`` (the model itself unless a subclass wraps it)."""
+        return self.model
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg, int(total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def hf_output_dir(self) -> Path:
+        """Folder of the final Hugging Face export."""
+        if self.hf_out:
+            return Path(self.hf_out)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf"
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF model's full (unsharded) state dict on CPU. A collective call: every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.hf_model, options=opts)
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Save the model with ``save_pretrained`` and its tokenizer (rank 0 writes; all ranks must call)."""
+        state = self.full_state_dict()
+        path = Path(path)
+        if self.trainer.is_global_zero:
+            path.mkdir(parents=True, exist_ok=True)
+            self.hf_model.save_pretrained(path, state_dict=state)
+            name = self.model_cfg.tokenizer or self.model_cfg.name_or_path
+            load_tokenizer(name, trust_remote_code=self.model_cfg.trust_remote_code).save_pretrained(path)
+        self.trainer.strategy.barrier("save_hf")
+        return path
+
+    def on_fit_end(self) -> None:
+        path = self.save_hf(self.hf_output_dir())
+        if self.trainer.is_global_zero:
+            print(f"saved the trained model in Hugging Face format to {path}")

@@ -1,0 +1,174 @@
+"""Supervised fine-tuning data: tokenized (prompt, response) pairs with the loss on response tokens only.
+
+Accepted inputs: the ``sft/`` split written by ``cai sl-data``, or any dataset (a ``datasets`` directory, JSONL, JSON
+or Parquet file) with a chat ``messages`` column (the last assistant turn is the target) or ``prompt`` /
+``completion`` columns. Labels follow Hugging Face's convention: aligned with ``input_ids``, ``-100`` on prompt
+tokens and padding (``losses.sft.sft_loss`` shifts them).
+
+Two batching modes:
+
+* padded: rows padded on the right to the longest row of the batch;
+* packed (``packing=True``): several examples laid end to end in one row with ``position_ids`` restarting at 0 for
+  each, and no attention mask. transformers detects the restarts and builds a block-diagonal causal mask (sdpa,
+  eager, flash-attention), so examples never attend to each other and no compute goes to padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from models import load_tokenizer
+
+IGNORE_INDEX = -100
+
+
+def load_any_dataset(path: str, split: str = "train") -> datasets.Dataset:
+    """Load a ``datasets`` directory, a JSONL/JSON/Parquet/CSV file, or a hub dataset name."""
+    p = Path(path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if p.suffix in builders:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file")
+        return datasets.load_dataset(builders[p.suffix], data_files=str(p), split="train")
+    return datasets.load_dataset(path, split=split)
+
+
+def tokenize_example(example: dict, tokenizer, max_length: int, source: str = "dataset") -> dict:
+    """Tokenize one example into ``input_ids`` and ``labels`` (prompt tokens masked with -100).
+
+    ``messages``: the prompt is the conversation up to the last assistant turn rendered with the chat template and
+    its generation prompt; the target is the rest of the full rendering (the last answer and its EOS).
+    ``prompt``/``completion``: the prompt in the "\\n\\nHuman: ...\\n\\nAssistant:" form, then " completion" + EOS.
+    Rows longer than ``max_length`` keep their first ``max_length`` tokens.
+    """
+    if example.get("messages"):
+        msgs = example["messages"]
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{source}: row {example.get('id', '?')}: the last message must be the assistant's")
+        prompt_text = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError(f"{source}: the chat template does not render the prompt as a prefix of the dialogue")
+        completion_text = full_text[len(prompt_text) :]
+    elif "prompt" in example and "completion" in example:
+        prompt_text = f"\n\nHuman: {example['prompt'].strip()}\n\nAssistant:"
+        completion_text = " " + example["completion"].strip() + tokenizer.eos_token
+    else:
+        raise ValueError(f"{source}: needs a 'messages' column or 'prompt' and 'completion' columns")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+class SFTCollator:
+    """Turn tokenized examples into a batch, padded (right) or packed.
+
+    Args:
+        pad_token_id: Id used for padding ``input_ids``.
+        packing: Lay examples end to end in one row with restarting ``position_ids`` instead of padding.
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool = False):
+        self.pad_token_id, self.packing = pad_token_id, packing
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            ids = [t for e in examples for t in e["input_ids"]]
+            labels = []
+            for e in examples:  # the first token of each example has no predecessor in it: never a target
+                labels += [IGNORE_INDEX] + e["labels"][1:]
+            pos = [p for e in examples for p in range(len(e["input_ids"]))]
+            return {
+                "input_ids": torch.tensor([ids]),
+                "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos]),
+            }  # each (1, sum of lengths)
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_token_id)  # (B, T)
+        labels = torch.full((len(examples), width), IGNORE_INDEX)  # (B, T)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Tokenized SFT data for ``cai sft``.
+
+    Args:
+        train: Training data: the ``sft/`` folder of ``cai sl-data``, a JSONL/JSON/Parquet file, or a hub dataset.
+        val: Validation data in the same forms; None to hold out ``val_fraction`` of ``train``.
+        tokenizer: Tokenizer location (linked to the model's ``name_or_path`` by ``cai sft``).
+        max_length: Tokens per example at most (longer ones are cut, and counted).
+        batch_size: Examples per batch (per device). With packing, the examples of a batch share one row.
+        packing: Pack examples into one row per batch instead of padding.
+        val_fraction: Share of ``train`` held out for validation when ``val`` is None.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the hold-out split and of shuffling.
+    """
+
+    def __init__(
+        self,
+        train: str = "runs/tiny/sl_data/sft",
+        val: str | None = None,
+        tokenizer: str = "runs/tiny-llama",
+        max_length: int = 512,
+        batch_size: int = 8,
+        packing: bool = False,
+        val_fraction: float = 0.1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.truncated = 0
+
+    def _prepare(self, path: str) -> datasets.Dataset:
+        tok = load_tokenizer(self.hparams.tokenizer, padding_side="right")
+        ds = load_any_dataset(path)
+        out = ds.map(
+            lambda e: tokenize_example(e, tok, self.hparams.max_length + 1, path),
+            remove_columns=ds.column_names,
+            desc="tokenize",
+        )
+        # Tokenizing one token past max_length tells which rows were cut, without a second pass.
+        self.truncated += sum(len(x) > self.hparams.max_length for x in out["input_ids"])
+        return out.map(lambda e: {k: v[: self.hparams.max_length] for k, v in e.items()})
+
+    def setup(self, stage: str) -> None:
+        if hasattr(self, "train_set"):
+            return
+        self.pad_token_id = load_tokenizer(self.hparams.tokenizer).pad_token_id
+        data = self._prepare(self.hparams.train)
+        if self.hparams.val:
+            self.train_set, self.val_set = data, self._prepare(self.hparams.val)
+        else:
+            n_val = max(1, int(len(data) * self.hparams.val_fraction)) if len(data) > 1 else 0
+            split = data.train_test_split(test_size=n_val, seed=self.hparams.seed) if n_val else None
+            self.train_set, self.val_set = (split["train"], split["test"]) if split else (data, data)
+
+    def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds.with_format(None),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=SFTCollator(self.pad_token_id, self.hparams.packing),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

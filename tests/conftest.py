@@ -1,0 +1,48 @@
+"""Shared fixtures: offline mode and tiny models built once per test session through the real loading code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No model or dataset may be downloaded: every test runs on models built here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "anthropic-cai"
+
+
+@pytest.fixture(scope="session")
+def shared_cai() -> Path:
+    """The paper's published material beside the checkout (see ../shared/anthropic-cai/ABOUT.md)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: the paper's published files are not beside this checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random llama with its tokenizer, saved with ``save_pretrained`` (built once per session)."""
+    from models.tiny import TinyModelConfig, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", TinyModelConfig(arch="llama", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """The tiny llama loaded through ``models.load_model`` (the path every stage uses)."""
+    from models import ModelConfig, load_model
+
+    return load_model(ModelConfig(str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny tokenizer loaded through ``models.load_tokenizer`` with left padding."""
+    from models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir), padding_side="left")

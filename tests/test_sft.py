@@ -1,0 +1,148 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from cai.sft import cli_main
+from data.sft import IGNORE_INDEX, SFTCollator, tokenize_example
+from losses import sft_loss
+from models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    """A small SFT set whose answers share one pattern, so that a few steps of training lower the loss."""
+    path = tmp_path_factory.mktemp("sft") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i in range(48):
+            f.write(json.dumps({"prompt": f"Tell me about item {i}.", "completion": "Item facts: it is safe."}) + "\n")
+    return path
+
+
+def scalars(log_dir, tag):
+    events = [os.path.join(d, f) for d, _, fs in os.walk(log_dir) for f in fs if f.startswith("events.out")]
+    values = []
+    for e in events:
+        acc = EventAccumulator(e)
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values += [(s.step, s.value) for s in acc.Scalars(tag)]
+    return [v for _, v in sorted(values)]
+
+
+def base_args(model_dir, data, out, steps):
+    return [
+        "fit",
+        "--config",
+        "configs/sft/tiny.yaml",
+        "--model.model.name_or_path",
+        str(model_dir),
+        "--data.train",
+        str(data),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--model.hf_out",
+        str(out / "hf"),
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "5",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+
+
+def test_tokenize_masks_the_prompt(tiny_tokenizer):
+    a = tokenize_example({"prompt": "Hi?", "completion": "Hello."}, tiny_tokenizer, 64)
+    b = tokenize_example(
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+        tiny_tokenizer,
+        64,
+    )
+    assert a == b  # both forms render to the same transcript
+    prompt_len = len(tiny_tokenizer("\n\nHuman: Hi?\n\nAssistant:")["input_ids"])
+    assert a["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert a["labels"][prompt_len:] == a["input_ids"][prompt_len:]
+    assert a["input_ids"][-1] == tiny_tokenizer.eos_token_id
+    assert len(tokenize_example({"prompt": "x " * 100, "completion": "y"}, tiny_tokenizer, 16)["input_ids"]) == 16
+    with pytest.raises(ValueError, match="pairs.jsonl: needs a 'messages' column"):
+        tokenize_example({"text": "x"}, tiny_tokenizer, 16, "pairs.jsonl")
+
+
+def test_packed_batch_gives_the_padded_loss(tiny_model, tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer.name_or_path, padding_side="right")
+    examples = [
+        tokenize_example({"prompt": p, "completion": c}, tok, 64)
+        for p, c in [("a?", "b."), ("A longer question here?", "A longer answer."), ("q", "r s t")]
+    ]
+    padded = SFTCollator(tok.pad_token_id)(examples)
+    packed = SFTCollator(tok.pad_token_id, packing=True)(examples)
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    assert (padded["attention_mask"] == 0).any() and "attention_mask" not in packed
+    with torch.no_grad():
+        lp = sft_loss(
+            tiny_model(**{k: v for k, v in padded.items() if k != "labels"}, use_cache=False).logits, padded["labels"]
+        )
+        # use_cache=False: transformers only builds the block-diagonal mask for packed rows when no cache is used.
+        lk = sft_loss(
+            tiny_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits,
+            packed["labels"],
+        )
+    # Equal only if examples in the packed row cannot attend to each other (block-diagonal mask).
+    torch.testing.assert_close(lk, lp, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_fit_lowers_loss_and_saves_hf(tiny_model_dir, sft_file, tmp_path):
+    cli = cli_main(base_args(tiny_model_dir, sft_file, tmp_path, 20))
+    assert cli.trainer.global_step == 20
+    losses = scalars(tmp_path, "loss/train")
+    assert len(losses) >= 15 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    assert scalars(tmp_path, "val/perplexity"), "validation perplexity was not logged"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(saved.lm_head.weight, start.lm_head.weight)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    assert list(tmp_path.rglob("config.yaml")), "LightningCLI saves the config with the run"
+
+
+def test_sft_resumes_from_checkpoint(tiny_model_dir, sft_file, tmp_path):
+    cli_main(base_args(tiny_model_dir, sft_file, tmp_path, 10))
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 10
+    cli = cli_main(base_args(tiny_model_dir, sft_file, tmp_path, 14) + ["--ckpt_path", str(ckpt)])
+    assert cli.trainer.global_step == 14  # continued from 10, not restarted from 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_sft_bf16(tiny_model_dir, sft_file, tmp_path, precision):
+    cli = cli_main(base_args(tiny_model_dir, sft_file, tmp_path, 3) + ["--trainer.precision", precision])
+    assert cli.trainer.global_step == 3
+    assert all(torch.isfinite(torch.tensor(v)) for v in scalars(tmp_path, "loss/train"))
+
+
+@pytest.mark.slow
+def test_sft_fsdp2_two_cpu_processes(tiny_model_dir, sft_file, tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
+    }
+    args = base_args(tiny_model_dir, sft_file, tmp_path, 6) + ["--config", "configs/strategies/fsdp2_cpu.yaml"]
+    res = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "sft", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FSDPLlamaForCausalLM" in res.stdout + res.stderr  # the model was really sharded by fully_shard
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert saved.lm_head.weight.shape == start.lm_head.weight.shape  # gathered, not a shard
+    assert not torch.equal(saved.lm_head.weight, start.lm_head.weight)
