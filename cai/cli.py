@@ -7,6 +7,7 @@ programs (``cai sft fit --config configs/sft/tiny.yaml``). Every subcommand acce
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> ("module:function", kind, one-line help). kind "fn" is parsed by jsonargparse.CLI from the function's
@@ -23,6 +24,13 @@ def _usage() -> str:
     lines = ["usage: cai COMMAND [ARGS]   (cai COMMAND --help for its options)", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from cai.constitution import ConstitutionError
+    from data.prompts import PromptDataError
+
+    return (ConstitutionError, PromptDataError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:
@@ -46,12 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     module, func = target.split(":")
     _quiet_libraries()
     fn = getattr(importlib.import_module(module), func)
-    if kind == "fn":
-        from jsonargparse import CLI
+    try:
+        if kind == "fn":
+            from jsonargparse import CLI
 
-        CLI(fn, args=rest, prog=f"cai {name}")
-    else:
-        fn(rest)
+            CLI(fn, args=rest, prog=f"cai {name}")
+        else:
+            fn(rest)
+    except _input_errors() as e:
+        # Bad input (a file, a field, a row) is the user's to fix: one line, no traceback. CAI_DEBUG=1 shows it.
+        if os.environ.get("CAI_DEBUG"):
+            raise
+        sys.exit(f"cai {name}: error: {e}")
 
 
 if __name__ == "__main__":

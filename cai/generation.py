@@ -137,6 +137,8 @@ class Generator:
         """
         cfg = config or self.config
         tok, model = self.tokenizer, self.model
+        if not prompts:
+            return []
         texts = [format_prompt(p, tok, cfg.prompt_format) for p in prompts]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         hf_cfg = self._hf_config(cfg)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -111,9 +112,15 @@ def critique_revise(
     Returns:
         One record per row, in order.
     """
-    answer_cfg = SamplingConfig(**{**asdict(sampling), "stop": STOP, "num_samples": 1})
-    raw_cfg = SamplingConfig(**{**asdict(answer_cfg), "prompt_format": "raw"})
-    initial = gen.generate([r["prompt"] for r in rows], answer_cfg)
+    answer_cfg = replace(sampling, stop=STOP, num_samples=1)
+
+    def seeded(step: str) -> SamplingConfig:
+        # A fresh seed per call: reusing one seed for every call would correlate the samples of different rounds.
+        # Keyed by the chunk's first id, so a resumed run draws the same numbers for the same chunk.
+        key = zlib.crc32(f"{sampling.seed}/{rows[0]['id']}/{step}".encode())
+        return replace(answer_cfg, seed=key, prompt_format=sampling.prompt_format if step == "initial" else "raw")
+
+    initial = gen.generate([r["prompt"] for r in rows], seeded("initial"))
     records = []
     for r, g in zip(rows, initial):
         text = g[0].text
@@ -137,9 +144,9 @@ def critique_revise(
             _critique_prompt(context, rec["prompt"], rec["final_response"], p.critique_request, cfg.style)
             for rec, p in zip(todo, principles)
         ]
-        critiques = [g[0].text for g in gen.generate(c_prompts, raw_cfg)]
+        critiques = [g[0].text for g in gen.generate(c_prompts, seeded(f"critique{k}"))]
         r_prompts = [_revision_prompt(cp, c, p.revision_request) for cp, c, p in zip(c_prompts, critiques, principles)]
-        revisions = [g[0].text for g in gen.generate(r_prompts, raw_cfg)]
+        revisions = [g[0].text for g in gen.generate(r_prompts, seeded(f"revision{k}"))]
         for rec, p, c, rev in zip(todo, principles, critiques, revisions):
             if not rev:  # keep the last non-empty response rather than training on an empty one
                 stats["empty_revisions"] += 1

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import base_args, scalars
 from transformers import AutoModelForCausalLM
 
 from cai.sft import cli_main
@@ -22,43 +22,6 @@ def sft_file(tmp_path_factory):
         for i in range(48):
             f.write(json.dumps({"prompt": f"Tell me about item {i}.", "completion": "Item facts: it is safe."}) + "\n")
     return path
-
-
-def scalars(log_dir, tag):
-    events = [os.path.join(d, f) for d, _, fs in os.walk(log_dir) for f in fs if f.startswith("events.out")]
-    values = []
-    for e in events:
-        acc = EventAccumulator(e)
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values += [(s.step, s.value) for s in acc.Scalars(tag)]
-    return [v for _, v in sorted(values)]
-
-
-def base_args(model_dir, data, out, steps):
-    return [
-        "fit",
-        "--config",
-        "configs/sft/tiny.yaml",
-        "--model.model.name_or_path",
-        str(model_dir),
-        "--data.train",
-        str(data),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.default_root_dir",
-        str(out),
-        "--trainer.logger.init_args.save_dir",
-        str(out),
-        "--model.hf_out",
-        str(out / "hf"),
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.val_check_interval",
-        "5",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
 
 
 def test_tokenize_masks_the_prompt(tiny_tokenizer):

@@ -1,0 +1,42 @@
+"""Helpers shared by the end-to-end tests."""
+
+import os
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def scalars(log_dir, tag):
+    events = [os.path.join(d, f) for d, _, fs in os.walk(log_dir) for f in fs if f.startswith("events.out")]
+    values = []
+    for e in events:
+        acc = EventAccumulator(e)
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values += [(s.step, s.value) for s in acc.Scalars(tag)]
+    return [v for _, v in sorted(values)]
+
+
+def base_args(model_dir, data, out, steps):
+    return [
+        "fit",
+        "--config",
+        "configs/sft/tiny.yaml",
+        "--model.model.name_or_path",
+        str(model_dir),
+        "--data.train",
+        str(data),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--model.hf_out",
+        str(out / "hf"),
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "5",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]

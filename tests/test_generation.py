@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from cai.generation import Generator, SamplingConfig, format_prompt, length_buckets
+
+PROMPTS = ["Hi", "What is the capital of France, and why is it famous?", "Tell me a story.", "2+2?", "Why?"]
+
+
+def test_length_buckets_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    buckets = length_buckets(lengths, 3)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert [len(b) for b in buckets] == [3, 3, 1]
+    flat = [lengths[i] for b in buckets for i in b]
+    assert flat == sorted(lengths, reverse=True)
+
+
+def test_prompt_formats(tiny_tokenizer):
+    assert format_prompt("Hi ", tiny_tokenizer, "transcript") == "\n\nHuman: Hi\n\nAssistant:"
+    assert format_prompt("raw text", tiny_tokenizer, "raw") == "raw text"
+    chat = format_prompt("Hi", tiny_tokenizer, "chat")
+    assert chat == tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert format_prompt(msgs, tiny_tokenizer, "transcript") == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    with pytest.raises(ValueError, match="prompt_format"):
+        format_prompt("x", tiny_tokenizer, "bogus")
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, batch_size=4, stop=[])
+    gen = Generator(tiny_model, tiny_tokenizer, cfg)
+    batched = gen.generate(PROMPTS)
+    alone = [gen.generate([p])[0] for p in PROMPTS]
+    # Left padding and length buckets must not change what the model sees, and results keep the prompts' order.
+    assert [g[0].response_ids for g in batched] == [g[0].response_ids for g in alone]
+    for p, g in zip(PROMPTS, batched):
+        assert g[0].prompt_ids == tiny_tokenizer(format_prompt(p, tiny_tokenizer, "transcript"))["input_ids"]
+
+
+def test_samples_per_prompt_seeded(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=12, num_samples=3, batch_size=2, seed=7, stop=[])
+    gen = Generator(tiny_model, tiny_tokenizer, cfg)
+    a, b = gen.generate(PROMPTS), gen.generate(PROMPTS)
+    assert all(len(g) == 3 for g in a)
+    assert [[x.response_ids for x in g] for g in a] == [[x.response_ids for x in g] for g in b]
+    c = gen.generate(PROMPTS, SamplingConfig(**{**cfg.__dict__, "seed": 8}))
+    assert [[x.response_ids for x in g] for g in a] != [[x.response_ids for x in g] for g in c]
+    assert len({tuple(x.response_ids) for x in a[1]}) > 1, "samples of one prompt should differ"
+    assert all(len(x.response_ids) <= 12 for g in a for x in g)
+
+
+def test_eos_padding_and_stop_strings(tiny_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    gen = Generator(tiny_model, tok, SamplingConfig(max_new_tokens=20, stop=["\n\nHuman:"]))
+    words = tok("Sure, here it is.", add_special_tokens=False)["input_ids"]
+    g = gen._make([1, 2], words + [tok.eos_token_id] + [tok.pad_token_id] * 3, gen.config)
+    assert g.response_ids == words + [tok.eos_token_id] and g.finished and g.text == "Sure, here it is."
+    cut = tok("Answer.\n\nHuman: next question", add_special_tokens=False)["input_ids"]
+    g = gen._make([1], cut, gen.config)
+    assert g.text == "Answer." and g.finished
+    g = gen._make([1], words, SamplingConfig(max_new_tokens=len(words)))
+    assert not g.finished  # ran out of tokens
+
+
+def test_generation_restores_train_mode(tiny_model, tiny_tokenizer):
+    tiny_model.train()
+    Generator(tiny_model, tiny_tokenizer, SamplingConfig(max_new_tokens=2)).generate(["x"])
+    assert tiny_model.training
+    tiny_model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(tiny_model(**tiny_tokenizer(["x"], return_tensors="pt")).logits).all()
