@@ -22,7 +22,7 @@ $(VENV)/.installed: $(BIN)/activate setup.cfg
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/cai demo
+	$(BIN)/cai pipeline --config configs/pipeline/tiny.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

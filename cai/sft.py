@@ -7,11 +7,10 @@ setting, and the config used is saved in the run's log folder).
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.cli import LightningCLI
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from cai.training import HFModule, OptimConfig
+from cai.training import HFModule, OptimConfig, run_cli
 from data.sft import IGNORE_INDEX, SFTDataModule
 from losses import sft_loss
 from models import ModelConfig
@@ -65,17 +64,6 @@ class SFTModule(HFModule):
         self.log("val/perplexity", self.val_ppl)
 
 
-class CAICLI(LightningCLI):
-    """LightningCLI with the data's tokenizer linked to the model's, so it is written once in a config."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments(
-            ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n
-        )
-
-
-def cli_main(args: list[str] | None = None) -> LightningCLI:
+def cli_main(args: list[str] | None = None):
     """``cai sft``: LightningCLI over ``SFTModule`` and ``SFTDataModule``."""
-    return CAICLI(
-        SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "cai sft"}
-    )
+    return run_cli(SFTModule, SFTDataModule, args, "cai sft")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from models import ModelConfig, load_model, load_tokenizer
@@ -49,8 +50,8 @@ def lr_lambda(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:
-    """The transformer block classes of a HF model (its ``_no_split_modules``), the units that FSDP shards."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    """The transformer block classes (``_no_split_modules`` of the HF models inside), the units that FSDP shards."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
         raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (_no_split_modules={names})")
@@ -157,3 +158,17 @@ class HFModule(L.LightningModule):
         path = self.save_hf(self.hf_output_dir())
         if self.trainer.is_global_zero:
             print(f"saved the trained model in Hugging Face format to {path}")
+
+
+class CAICLI(LightningCLI):
+    """LightningCLI with the data's tokenizer linked to the model's, so it is written once in a config."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(
+            ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n
+        )
+
+
+def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataModule], args, prog: str) -> CAICLI:
+    """Run a training stage as a LightningCLI program (``fit``, ``validate``, ...; the config saved with the run)."""
+    return CAICLI(module, datamodule, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})

@@ -18,10 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_warn
 
+from data.base import SplitDataModule
 from models import load_tokenizer
 
 IGNORE_INDEX = -100
@@ -103,7 +103,7 @@ class SFTCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(SplitDataModule):
     """Tokenized SFT data for ``cai sft``.
 
     Args:
@@ -132,9 +132,8 @@ class SFTDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.truncated = 0
 
-    def _prepare(self, path: str) -> datasets.Dataset:
+    def prepare_split(self, path: str, train: bool) -> datasets.Dataset:
         tok = load_tokenizer(self.hparams.tokenizer, padding_side="right")
         ds = load_any_dataset(path)
         out = ds.map(
@@ -143,32 +142,10 @@ class SFTDataModule(L.LightningDataModule):
             desc="tokenize",
         )
         # Tokenizing one token past max_length tells which rows were cut, without a second pass.
-        self.truncated += sum(len(x) > self.hparams.max_length for x in out["input_ids"])
+        n_cut = sum(len(x) > self.hparams.max_length for x in out["input_ids"])
+        if n_cut:
+            rank_zero_warn(f"{path}: {n_cut} of {len(out)} examples are longer than max_length and were cut")
         return out.map(lambda e: {k: v[: self.hparams.max_length] for k, v in e.items()})
 
-    def setup(self, stage: str) -> None:
-        if hasattr(self, "train_set"):
-            return
-        self.pad_token_id = load_tokenizer(self.hparams.tokenizer).pad_token_id
-        data = self._prepare(self.hparams.train)
-        if self.hparams.val:
-            self.train_set, self.val_set = data, self._prepare(self.hparams.val)
-        else:
-            n_val = max(1, int(len(data) * self.hparams.val_fraction)) if len(data) > 1 else 0
-            split = data.train_test_split(test_size=n_val, seed=self.hparams.seed) if n_val else None
-            self.train_set, self.val_set = (split["train"], split["test"]) if split else (data, data)
-
-    def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            ds.with_format(None),
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=SFTCollator(self.pad_token_id, self.hparams.packing),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def collator(self) -> SFTCollator:
+        return SFTCollator(self.pad_token_id, self.hparams.packing)

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
-from helpers import base_args, scalars
 from transformers import AutoModelForCausalLM
 
 from cai.sft import cli_main
 from data.sft import IGNORE_INDEX, SFTCollator, tokenize_example
+from helpers import base_args, scalars
 from losses import sft_loss
 from models import load_tokenizer
 

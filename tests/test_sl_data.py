@@ -8,7 +8,6 @@ import time
 import datasets
 import pytest
 import yaml
-from helpers import base_args, scalars
 from transformers import AutoModelForCausalLM
 
 from cai.constitution import load_constitution
@@ -16,6 +15,7 @@ from cai.generation import SamplingConfig
 from cai.sft import cli_main
 from cai.sl_data import CritiqueConfig, PromptSources, run
 from data.jsonl import ResumableJsonl
+from helpers import base_args, scalars
 from models import ModelConfig
 
 

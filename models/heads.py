@@ -1,0 +1,88 @@
+"""Scalar heads over a Hugging Face causal LM: the preference (reward) model and the PPO value head.
+
+Both read the backbone's last hidden states (the ``base_model`` of an ``AutoModelForCausalLM``, without its LM head)
+and map them to one number with a bias-free linear layer. A preference model reads that number at the last real
+token of each sequence. A value head reads it at every token.
+
+A trained preference model is saved in Hugging Face's ``ForSequenceClassification`` format (backbone weights plus a
+``score`` layer, ``num_labels=1``), so ``AutoModelForSequenceClassification`` and TRL can load it as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from models.loading import ModelConfig, disable_dropout, load_model, resolve_attn_implementation, resolve_dtype
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    return (positions * attention_mask.long()).argmax(dim=1)  # (B,)
+
+
+def scalar_head(hidden_size: int) -> nn.Linear:
+    """A bias-free ``hidden -> 1`` layer, initialised with std 1/sqrt(hidden + 1) so initial outputs are O(1)."""
+    head = nn.Linear(hidden_size, 1, bias=False)
+    nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+    return head
+
+
+class PreferenceModel(nn.Module):
+    """A scalar reward r(x) read at the last real token of ``x`` (Bai et al. 2022, sec. 4; Ziegler et al. 2019).
+
+    Args:
+        backbone: The transformer without its LM head (``AutoModelForCausalLM(...).base_model``).
+        score: The ``hidden -> 1`` head; a new one is made when None.
+    """
+
+    def __init__(self, backbone: nn.Module, score: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.score = score if score is not None else scalar_head(backbone.config.hidden_size)
+
+    @property
+    def config(self):
+        """The backbone's Hugging Face config."""
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) of a batch (B, T) of tokenized sequences."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        idx = last_token_index(attention_mask)  # (B,)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+        return self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()  # (B,)
+
+    @classmethod
+    def from_pretrained(cls, cfg: ModelConfig) -> PreferenceModel:
+        """Load a saved preference model (``ForSequenceClassification`` format) or start one from a causal LM."""
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+            seq = AutoModelForSequenceClassification.from_pretrained(
+                cfg.name_or_path,
+                dtype=resolve_dtype(cfg.dtype),
+                attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+                trust_remote_code=cfg.trust_remote_code,
+                revision=cfg.revision,
+            )
+            disable_dropout(seq)
+            return cls(seq.base_model, seq.score)
+        return cls(load_model(cfg).base_model)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save in ``ForSequenceClassification`` format. ``state_dict``: a full state dict of this module."""
+        state = state_dict if state_dict is not None else self.state_dict()
+        config = AutoConfig.for_model(**self.config.to_dict())
+        config.num_labels = 1
+        config.architectures = None
+        seq = AutoModelForSequenceClassification.from_config(config)
+        prefix = seq.base_model_prefix
+        mapped = {f"{prefix}.{k[len('backbone.') :]}": v for k, v in state.items() if k.startswith("backbone.")}
+        mapped["score.weight"] = state["score.weight"]
+        seq.load_state_dict(mapped, strict=True)
+        seq.save_pretrained(path)
+        return Path(path)

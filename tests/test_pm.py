@@ -1,0 +1,172 @@
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from cai.pm import PreferenceModule, SoftCalibrationError, cli_main
+from data.preference import PreferenceCollator, tokenize_pair
+from helpers import scalars
+from models import ModelConfig, load_tokenizer
+from models.heads import PreferenceModel
+
+WORDS = "the a cat dog house tree river blue green small large quiet happy old new road book lamp".split()
+
+
+def synthetic_pairs(path, n, seed, p_chosen):
+    """Pairs whose chosen response contains the word 'safely' and whose rejected one does not."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+            b = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+            a.insert(rng.randint(0, len(a)), "safely")
+            p = p_chosen(rng)
+            f.write(
+                json.dumps(
+                    {
+                        "id": str(i),
+                        "prompt": "Say something.",
+                        "chosen": " ".join(a),
+                        "rejected": " ".join(b),
+                        "p_chosen": p,
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def pm_args(model_dir, train, val, out, steps, *extra):
+    return [
+        "fit",
+        "--config",
+        "configs/pm/tiny.yaml",
+        "--model.model.name_or_path",
+        str(model_dir),
+        "--data.train",
+        str(train),
+        "--data.val",
+        str(val),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--model.hf_out",
+        str(out / "hf"),
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.batch_size",
+        "16",
+        "--model.optim.lr",
+        "3e-3",
+        *extra,
+    ]
+
+
+def test_soft_calibration_error_by_hand():
+    m = SoftCalibrationError(n_bins=2)
+    m.update(torch.tensor([0.2, 0.3, 0.9]), torch.tensor([0.0, 0.1, 0.5]))
+    # bin 0: preds 0.2, 0.3 (mean .25) vs labels 0, .1 (mean .05) -> .2 over 2; bin 1: .9 vs .5 -> .4 over 1.
+    assert m.compute().item() == pytest.approx((2 * 0.2 + 1 * 0.4) / 3)
+
+
+def test_pair_tokenization_and_collation(tiny_tokenizer):
+    ex = tokenize_pair(
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "p_chosen": 0.7},
+        tiny_tokenizer,
+        64,
+        hard_labels=False,
+    )
+    assert tiny_tokenizer.decode(ex["chosen_ids"]) == "\n\nHuman: Hi\n\nAssistant: Hello!" and ex["p_chosen"] == 0.7
+    assert (
+        tokenize_pair(
+            {"prompt": "Hi", "chosen": "a", "rejected": "b", "p_chosen": 0.7}, tiny_tokenizer, 64, hard_labels=True
+        )["p_chosen"]
+        == 1.0
+    )
+    hh = tokenize_pair(
+        {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: z"},
+        tiny_tokenizer,
+        3,
+        hard_labels=False,
+    )
+    assert len(hh["chosen_ids"]) == 3 and hh["p_chosen"] == 1.0  # cut from the left, default hard label
+    batch = PreferenceCollator(tiny_tokenizer.pad_token_id)([ex, ex])
+    assert batch["input_ids"].shape[0] == 4 and batch["p_chosen"].tolist() == pytest.approx([0.7, 0.7])
+    with pytest.raises(ValueError, match="pairs.jsonl: no column 'rejected'"):
+        tokenize_pair({"prompt": "x", "chosen": "y"}, tiny_tokenizer, 8, False, "pairs.jsonl")
+    with pytest.raises(ValueError, match="p_chosen=1.5 is not a probability"):
+        tokenize_pair({"prompt": "x", "chosen": "y", "rejected": "z", "p_chosen": 1.5}, tiny_tokenizer, 8, False)
+
+
+def test_pm_learns_a_detectable_preference(tiny_model_dir, tmp_path):
+    train = synthetic_pairs(tmp_path / "train.jsonl", 256, 0, lambda r: 1.0)
+    val = synthetic_pairs(tmp_path / "val.jsonl", 64, 1, lambda r: 1.0)
+    cli = cli_main(pm_args(tiny_model_dir, train, val, tmp_path, 60))
+    acc = cli.trainer.callback_metrics["val/accuracy"].item()
+    assert acc >= 0.9, f"held-out accuracy {acc:.3f}"
+    losses = scalars(tmp_path, "loss/train")
+    assert losses[-1] < losses[0]
+    # The saved model is a standard HF sequence classifier that gives the same rewards.
+    tok = load_tokenizer(str(tmp_path / "hf"), padding_side="right")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    ours = PreferenceModel.from_pretrained(ModelConfig(str(tmp_path / "hf")))
+    enc = tok(
+        ["\n\nHuman: Say something.\n\nAssistant: the cat safely", "\n\nHuman: hi\n\nAssistant: a"],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**enc).logits.squeeze(-1), ours(**enc))
+
+
+def test_soft_labels_calibrate_better_than_hard_labels(tiny_model_dir, tmp_path):
+    """With noisy soft labels around 0.7, soft-label training should predict ~0.7; hard labels push towards 1."""
+
+    def noisy(r):
+        return min(1.0, max(0.5, r.gauss(0.7, 0.08)))
+
+    train = synthetic_pairs(tmp_path / "train.jsonl", 256, 0, noisy)
+    val = synthetic_pairs(tmp_path / "val.jsonl", 64, 1, noisy)
+    errors = {}
+    for mode in ("soft", "hard"):
+        out = tmp_path / mode
+        cli = cli_main(pm_args(tiny_model_dir, train, val, out, 60, "--data.hard_labels", str(mode == "hard")))
+        errors[mode] = cli.trainer.callback_metrics["val/calibration_error"].item()
+    print(
+        f"calibration error against the soft labels: soft-label training {errors['soft']:.3f}, "
+        f"hard-label training {errors['hard']:.3f}"
+    )
+    assert errors["soft"] < errors["hard"]
+
+
+def test_reward_read_at_last_real_token(tiny_model_dir):
+    pm = PreferenceModel.from_pretrained(ModelConfig(str(tiny_model_dir)))
+    right = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    left = load_tokenizer(str(tiny_model_dir), padding_side="left")
+    texts = ["a short one", "a much longer text than the other one"]
+    with torch.no_grad():
+        r_right = pm(**right(texts, return_tensors="pt", padding=True))
+        r_left = pm(**left(texts, return_tensors="pt", padding=True))
+        alone = torch.stack([pm(**right([t], return_tensors="pt"))[0] for t in texts])
+    torch.testing.assert_close(r_right, alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r_left, alone, rtol=1e-4, atol=1e-4)
+    assert isinstance(PreferenceModule(ModelConfig(str(tiny_model_dir))).center_rewards_coef, float)
+
+
+def test_hard_labels_apply_to_training_rows_only(tiny_model_dir, tmp_path):
+    from data.preference import PreferenceDataModule
+
+    train = synthetic_pairs(tmp_path / "train.jsonl", 40, 0, lambda r: 0.7)
+    dm = PreferenceDataModule(train=str(train), tokenizer=str(tiny_model_dir), hard_labels=True, val_fraction=0.25)
+    dm.setup("fit")
+    assert set(dm.train_set["p_chosen"]) == {1.0} and set(dm.val_set["p_chosen"]) == {0.7}
+    assert len(dm.val_set) == 10
