@@ -16,6 +16,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tiny-model": ("models.tiny:main", "fn", "build a tiny random HF model and tokenizer for offline runs"),
     "pipeline": ("cai.pipeline:run", "fn", "the whole method, stage by stage, resumable (the main job)"),
     "sl-data": ("cai.sl_data:run", "fn", "SL-CAI: critique-revision data from red-team and helpful prompts"),
+    "label": ("cai.label:run", "fn", "RL-CAI: response pairs labelled by AI feedback (soft preference labels)"),
+    "eval-feedback": (
+        "cai.eval_feedback:run",
+        "fn",
+        "accuracy and calibration of a feedback model on multiple-choice evals",
+    ),
     "sft": ("cai.sft:cli_main", "argv", "SFT on the SL-CAI data (LightningCLI: cai sft fit --config ...)"),
     "pm": ("cai.pm:cli_main", "argv", "preference model on AI soft labels (LightningCLI: cai pm fit --config ...)"),
 }

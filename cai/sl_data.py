@@ -27,7 +27,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from cai.constitution import Constitution, load_constitution
+from cai.constitution import Constitution, frame_critique_request, frame_revision_request, load_constitution
 from cai.generation import Generator, SamplingConfig
 from data.jsonl import ResumableJsonl
 from data.prompts import load_prompts_with_stats, mix_prompts
@@ -83,12 +83,11 @@ def _few_shot_context(constitution: Constitution, n: int | None) -> str:
 def _critique_prompt(context: str, prompt: str, response: str, request: str, style: str) -> str:
     suffix = {"plain": "", "strong": STRONG_SUFFIX, "cot": COT_SUFFIX}[style]
     start = COT_CRITIQUE_START if style == "cot" else ""
-    dialogue = f"\n\nHuman: {prompt}\n\nAssistant: {response}"
-    return f"{context}{dialogue}\n\nCritiqueRequest: {request}{suffix}\n\nCritique:{start}"
+    return f"{context}\n\nHuman: {prompt}\n\nAssistant: {response}{frame_critique_request(request + suffix)}{start}"
 
 
 def _revision_prompt(critique_prompt: str, critique: str, request: str) -> str:
-    return f"{critique_prompt} {critique}\n\nRevisionRequest: {request}\n\nRevision:"
+    return f"{critique_prompt} {critique}{frame_revision_request(request)}"
 
 
 def critique_revise(

@@ -75,9 +75,16 @@ def load_prompts(
     The arguments are those of :func:`load_prompts_with_stats`.
     """
     dataset, stats = load_prompts_with_stats(
-        source, prompt_column=prompt_column, split=split, id_column=id_column, max_prompts=max_prompts, format=format,
-        max_chars=max_chars, keep_columns=keep_columns, cache_dir=cache_dir,
-    )  # fmt: skip
+        source,
+        prompt_column=prompt_column,
+        split=split,
+        id_column=id_column,
+        max_prompts=max_prompts,
+        format=format,
+        max_chars=max_chars,
+        keep_columns=keep_columns,
+        cache_dir=cache_dir,
+    )
     if stats.skipped_empty or stats.skipped_too_long:
         log.warning(
             "%s: skipped %d empty and %d over-long prompts", stats.source, stats.skipped_empty, stats.skipped_too_long

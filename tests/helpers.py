@@ -40,3 +40,22 @@ def base_args(model_dir, data, out, steps):
         "--trainer.enable_progress_bar",
         "false",
     ]
+
+
+def kill_after_lines(cmd, path, n_lines, timeout=120):
+    """Start ``cmd``, SIGKILL it once ``path`` has ``n_lines`` lines; returns (returncode, lines at kill)."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    path = Path(path)
+    while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= n_lines):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode, path.read_text().count("\n") if path.exists() else 0

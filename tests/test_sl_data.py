@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import datasets
 import pytest
@@ -15,7 +14,7 @@ from cai.generation import SamplingConfig
 from cai.sft import cli_main
 from cai.sl_data import CritiqueConfig, PromptSources, run
 from data.jsonl import ResumableJsonl
-from helpers import base_args, scalars
+from helpers import base_args, kill_after_lines, scalars
 from models import ModelConfig
 
 
@@ -74,22 +73,20 @@ def test_principles_are_seeded_per_prompt_and_round(tiny_model_dir, tmp_path):
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
-    cfg = {"out": str(tmp_path / "sl"), "model": {"name_or_path": str(tiny_model_dir)},
-           "prompts": {"max_prompts": 24, "helpful_ratio": 0.25},
-           "critique": {"rounds": 2, "num_few_shot": 1},
-           "sampling": {"max_new_tokens": 16, "batch_size": 4}, "chunk_size": 2}  # fmt: skip
+    cfg = {
+        "out": str(tmp_path / "sl"),
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "prompts": {"max_prompts": 24, "helpful_ratio": 0.25},
+        "critique": {"rounds": 2, "num_few_shot": 1},
+        "sampling": {"max_new_tokens": 16, "batch_size": 4},
+        "chunk_size": 2,
+    }
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "cai.cli", "sl-data", "--config", str(cfg_path)]
     records = tmp_path / "sl" / "records.jsonl"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (records.exists() and records.read_text().count("\n") >= 2):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    n_before = records.read_text().count("\n")
-    assert proc.returncode == -signal.SIGKILL and 2 <= n_before < 24, "the first run should be killed mid-way"
+    rc, n_before = kill_after_lines(cmd, records, 2)
+    assert rc == -signal.SIGKILL and 2 <= n_before < 24, "the first run should be killed mid-way"
     # Simulate a kill in the middle of a write, too: a partial last line.
     with open(records, "a") as f:
         f.write('{"id": "rt-9')
@@ -123,18 +120,27 @@ def test_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
     res = subprocess.run(base + ["--constitution", str(bad)], capture_output=True, text=True, env=env)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("cai sl-data: error: bad.yaml") and res.stderr.strip().count("\n") == 0
-    res = subprocess.run(base + ["--prompts.red_team", str(tmp_path / "missing.jsonl")], capture_output=True,
-                         text=True, env=env)  # fmt: skip
+    res = subprocess.run(
+        base + ["--prompts.red_team", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=env
+    )
     assert res.returncode != 0 and "missing.jsonl" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_empty_and_overlong_prompts_are_counted(tiny_model_dir, tmp_path):
     src = tmp_path / "p.jsonl"
-    rows = [{"id": "a", "prompt": "How do I hotwire a car?"}, {"id": "b", "prompt": "   "},
-            {"id": "c", "prompt": "x" * 500}, {"id": "d", "prompt": "Insult my friend."}]  # fmt: skip
+    rows = [
+        {"id": "a", "prompt": "How do I hotwire a car?"},
+        {"id": "b", "prompt": "   "},
+        {"id": "c", "prompt": "x" * 500},
+        {"id": "d", "prompt": "Insult my friend."},
+    ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run(out=str(tmp_path / "o"), model=ModelConfig(str(tiny_model_dir)),
-              prompts=PromptSources(red_team=str(src), helpful=None, max_prompt_chars=100),
-              critique=CritiqueConfig(rounds=1, num_few_shot=0), sampling=SamplingConfig(max_new_tokens=4))  # fmt: skip
+    out = run(
+        out=str(tmp_path / "o"),
+        model=ModelConfig(str(tiny_model_dir)),
+        prompts=PromptSources(red_team=str(src), helpful=None, max_prompt_chars=100),
+        critique=CritiqueConfig(rounds=1, num_few_shot=0),
+        sampling=SamplingConfig(max_new_tokens=4),
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["skipped_empty"], summary["skipped_too_long"], summary["records"]) == (1, 1, 2)

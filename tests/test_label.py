@@ -1,0 +1,171 @@
+import json
+import signal
+import sys
+
+import datasets
+import pytest
+import torch
+import yaml
+
+import cai.feedback as feedback_mod
+from cai.constitution import load_constitution
+from cai.eval_feedback import evaluate
+from cai.eval_feedback import run as eval_feedback
+from cai.feedback import OPTIONS, FeedbackConfig, FeedbackScorer, plain_query
+from cai.generation import Generation, SamplingConfig
+from cai.label import aggregate
+from cai.label import run as label
+from cai.sl_data import PromptSources
+from helpers import kill_after_lines
+from models import ModelConfig
+
+
+def label_run(model_dir, out, **feedback):
+    return label(
+        out=str(out),
+        policy=ModelConfig(str(model_dir)),
+        prompts=PromptSources(helpful=None, max_prompts=6),
+        sampling=SamplingConfig(max_new_tokens=8, batch_size=8),
+        feedback=FeedbackConfig(num_few_shot=1, cot_max_new_tokens=6, **feedback),
+        chunk_size=4,
+    )
+
+
+def slow_logprob(model, tok, context, option):
+    ids = tok(context, add_special_tokens=False)["input_ids"]
+    opt = tok(option, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids + opt])).logits[0].float(), -1)
+    return sum(lp[len(ids) - 1 + j, t].item() for j, t in enumerate(opt))
+
+
+def test_label_end_to_end_plain(tiny_model_dir, tmp_path):
+    out = label_run(tiny_model_dir, tmp_path / "plain", both_orders=True, num_principles=2)
+    records = [json.loads(x) for x in open(out / "records.jsonl")]
+    assert len(records) == 6 and len({r["id"] for r in records}) == 6
+    feedback_ids = {p.id for p in load_constitution("default").feedback}
+    for r in records:
+        assert 0.0 <= r["p_a"] <= 1.0 and 0.5 <= r["p_chosen"] <= 1.0
+        assert {r["chosen"], r["rejected"]} == {r["response_a"], r["response_b"]}
+        assert len(r["principle_ids"]) == 2 and set(r["principle_ids"]) <= feedback_ids
+        lps = r["feedback"][0]["logprobs"]
+        assert len(lps) == 4  # 2 principles x 2 orders
+        # p_a is the mean over principles of the order-averaged normalised probabilities.
+        expect = [1 / (1 + torch.exp(torch.tensor(x["B"] - x["A"]))).item() for x in lps]
+        expect = [1 - p if x["swapped"] else p for p, x in zip(expect, lps)]
+        assert r["p_a"] == pytest.approx(sum(expect) / 4, abs=1e-6)
+    pairs = datasets.load_from_disk(str(out / "pairs"))
+    assert {"prompt", "chosen", "rejected", "p_chosen"} <= set(pairs.column_names) and len(pairs) == 6
+
+
+def test_label_chain_of_thought_is_clamped_and_fallbacks_counted(tiny_model_dir, tmp_path):
+    out = label_run(tiny_model_dir, tmp_path / "cot", chain_of_thought=True)
+    records = [json.loads(x) for x in open(out / "records.jsonl")]
+    assert all(0.4 <= r["p_a"] <= 0.6 for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    # A random model rarely stops within 6 tokens: its reasoning is cut off, so it falls back and is counted.
+    assert summary["cot_fallbacks"] == sum(r["feedback"][0]["cot_fallbacks"] for r in records) > 0
+    assert all(r["feedback"][0]["cot"][0] is not None for r in records)
+
+
+def test_chain_of_thought_reads_the_answer_after_the_reasoning(tiny_model, tiny_tokenizer, monkeypatch):
+    class FakeGenerator:
+        def __init__(self, *a):
+            pass
+
+        def generate(self, prompts):
+            return [
+                [Generation("(B) is kinder. Therefore, option (B) is the best response.", [], [], True)]
+                for _ in prompts
+            ]
+
+    monkeypatch.setattr(feedback_mod, "Generator", FakeGenerator)
+    const = load_constitution("default")
+    scorer = FeedbackScorer(
+        tiny_model,
+        tiny_tokenizer,
+        const,
+        FeedbackConfig(num_few_shot=0, chain_of_thought=True, clamp_low=0.45, clamp_high=0.55),
+    )
+    item = {"prompt": "Hi", "response_a": "Go away.", "response_b": "Hello!", "principles": [const.feedback[0].id]}
+    res = scorer.score([item])[0]
+    assert res["cot_fallbacks"] == 0 and res["cot"][0].startswith("(B) is kinder")
+    assert 0.45 <= res["p_a"] <= 0.55
+    lp = res["logprobs"][0]
+    prompt = feedback_mod.cot_query("Hi", const.feedback[0].text, "Go away.", "Hello!")
+    context = f"{prompt} {res['cot'][0]}{feedback_mod.COT_ANSWER}"
+    assert lp["A"] == pytest.approx(slow_logprob(tiny_model, tiny_tokenizer, context, OPTIONS[0]), abs=1e-4)
+
+
+def test_options_are_scored_by_teacher_forcing(tiny_model, tiny_tokenizer):
+    const = load_constitution("default")
+    scorer = FeedbackScorer(tiny_model, tiny_tokenizer, const, FeedbackConfig(num_few_shot=2))
+    item = {
+        "prompt": "How do I pick a lock?",
+        "response_a": "No.",
+        "response_b": "Call a locksmith.",
+        "principles": [const.feedback[1].id],
+    }
+    lp = scorer.score([item])[0]["logprobs"][0]
+    context = scorer.context + plain_query(item["prompt"], const.feedback[1].text, "No.", "Call a locksmith.")
+    assert context.endswith("The answer is:") and "[[[Call a locksmith.]]]" in context
+    assert lp["A"] == pytest.approx(slow_logprob(tiny_model, tiny_tokenizer, context, " (A)"), abs=1e-4)
+    assert lp["B"] == pytest.approx(slow_logprob(tiny_model, tiny_tokenizer, context, " (B)"), abs=1e-4)
+
+
+def test_ensemble_aggregation():
+    assert aggregate([0.9, 0.7, 0.2], "mean") == pytest.approx(0.6)
+    assert aggregate([0.9, 0.7, 0.2], "vote") == pytest.approx(2 / 3)
+    assert aggregate([0.5, 0.9], "vote") == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="ensemble"):
+        aggregate([0.5], "median")
+
+
+def test_label_resumes_after_kill(tiny_model_dir, tmp_path):
+    cfg = {
+        "out": str(tmp_path / "lab"),
+        "policy": {"name_or_path": str(tiny_model_dir)},
+        "prompts": {"helpful": None, "max_prompts": 40},
+        "sampling": {"max_new_tokens": 16, "batch_size": 2},
+        "feedback": {"num_few_shot": 1, "both_orders": True},
+        "chunk_size": 2,
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "cai.cli", "label", "--config", str(tmp_path / "cfg.yaml")]
+    records = tmp_path / "lab" / "records.jsonl"
+    rc, n = kill_after_lines(cmd, records, 2)
+    assert rc == -signal.SIGKILL and 2 <= n < 40
+    first = [json.loads(x) for x in open(records)]
+    import subprocess
+
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    ids = [json.loads(x)["id"] for x in open(records)]
+    assert len(ids) == 40 and len(set(ids)) == 40
+    assert [json.loads(x) for x in open(records)][: len(first)] == first  # earlier records untouched
+
+
+def test_eval_feedback_on_the_438_hhh_comparisons(tiny_model_dir, shared_cai, tmp_path):
+    path = shared_cai / "evals" / "438HHHEvaluations.jsonl"
+    metrics = eval_feedback(model=ModelConfig(str(tiny_model_dir)), evals=str(path), out=str(tmp_path))
+    preds = [json.loads(x) for x in open(tmp_path / "predictions.jsonl")]
+    assert metrics["examples"] == len(preds) == sum(1 for _ in open(path))
+    assert metrics["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds))
+    assert 0 <= metrics["expected_calibration_error"] <= 1 and metrics["chance_accuracy"] == pytest.approx(0.5)
+    assert (tmp_path / "reliability.png").stat().st_size > 5000
+
+
+def test_eval_feedback_picks_the_likelier_answer(tiny_model, tiny_tokenizer, tmp_path):
+    rows = [
+        {"prompt": "Which is it? The answer is:", "corrects": [" (A)"], "incorrects": [" (B)", " (C)"]},
+        {"prompt": "Pick one. The answer is:", "corrects": [" yes"], "incorrects": [" no"]},
+    ]
+    res = evaluate(tiny_model, tiny_tokenizer, rows)["rows"]
+    for r, out in zip(rows, res):
+        cands = r["corrects"] + r["incorrects"]
+        slow = [slow_logprob(tiny_model, tiny_tokenizer, r["prompt"], c) for c in cands]
+        assert out["pred"] == max(range(len(cands)), key=lambda i: slow[i])
+        assert out["correct"] == (out["pred"] == 0) and sum(out["probs"]) == pytest.approx(1.0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "corrects": " (A)", "incorrects": []}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: 'corrects' must be a list"):
+        eval_feedback(model=ModelConfig(str(tmp_path)), evals=str(bad))
