@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "fn",
         "accuracy and calibration of a feedback model on multiple-choice evals",
     ),
+    "ppo": (
+        "cai.ppo:cli_main",
+        "argv",
+        "RL-CAI: PPO against the preference model (LightningCLI: cai ppo fit --config ...)",
+    ),
     "sft": ("cai.sft:cli_main", "argv", "SFT on the SL-CAI data (LightningCLI: cai sft fit --config ...)"),
     "pm": ("cai.pm:cli_main", "argv", "preference model on AI soft labels (LightningCLI: cai pm fit --config ...)"),
 }

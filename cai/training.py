@@ -59,13 +59,24 @@ def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:
 
 
 def shard_fsdp2(model: torch.nn.Module, mesh) -> None:
-    """Apply FSDP2 ``fully_shard`` to every decoder layer and then to the root module."""
+    """Apply FSDP2 ``fully_shard`` to every decoder layer, to each outermost HF model inside, then to the root.
+
+    Sharding an HF model inside a wrapper (the policy inside ``PolicyWithValue``) as its own unit lets code call it
+    directly, as ``generate`` does: its own forward hook gathers its embeddings and head.
+    """
     from torch.distributed.fsdp import fully_shard
+    from transformers import PreTrainedModel
 
     layers = decoder_layer_classes(model)
     for module in model.modules():
         if isinstance(module, layers):
             fully_shard(module, mesh=mesh)
+    outer: list[str] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if module is model or not isinstance(module, PreTrainedModel) or any(name.startswith(o + ".") for o in outer):
+            continue
+        fully_shard(module, mesh=mesh)
+        outer.append(name)
     fully_shard(model, mesh=mesh)
 
 

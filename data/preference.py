@@ -17,6 +17,11 @@ from data.sft import load_any_dataset
 from models import load_tokenizer
 
 
+def transcript(prompt: str, response: str) -> str:
+    """The text a preference model reads: "\n\nHuman: prompt\n\nAssistant: response"."""
+    return f"\n\nHuman: {prompt.strip()}\n\nAssistant: {response.strip()}"
+
+
 def pair_texts(example: dict, source: str = "dataset") -> tuple[str, str]:
     """The two full texts (chosen, rejected) of one row."""
     for col in ("chosen", "rejected"):
@@ -24,8 +29,7 @@ def pair_texts(example: dict, source: str = "dataset") -> tuple[str, str]:
             raise ValueError(f"{source}: no column {col!r}; columns are: {', '.join(example)}")
     if example.get("prompt") is None:  # hh-rlhf: both columns are whole transcripts
         return example["chosen"], example["rejected"]
-    prompt = f"\n\nHuman: {example['prompt'].strip()}\n\nAssistant:"
-    return f"{prompt} {example['chosen'].strip()}", f"{prompt} {example['rejected'].strip()}"
+    return transcript(example["prompt"], example["chosen"]), transcript(example["prompt"], example["rejected"])
 
 
 def tokenize_pair(example: dict, tokenizer, max_length: int, hard_labels: bool, source: str = "dataset") -> dict:

@@ -86,3 +86,55 @@ class PreferenceModel(nn.Module):
         seq.load_state_dict(mapped, strict=True)
         seq.save_pretrained(path)
         return Path(path)
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM policy with a value head on its last hidden states: logits and values from one forward pass.
+
+    Sharing the trunk halves the compute of a separate critic; the value loss then also shapes the policy's
+    features, which is why ``vf_coef`` weighs it (Ziegler et al. 2019 use a separate value network; TRL's
+    PPOTrainer a separate critic; CleanRL's shared-trunk agent follows Schulman et al. 2017).
+
+    Args:
+        lm: The policy (``AutoModelForCausalLM``, or a peft model wrapping one).
+        value_head: The ``hidden -> 1`` head; a new one is made when None.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head if value_head is not None else scalar_head(lm.config.hidden_size)
+
+    def forward(self, input_ids, attention_mask, position_ids, n_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, n, V) and values (B, n) of the positions that predict the last ``n_last`` tokens."""
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=n_last + 1,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1][:, -n_last - 1 : -1]  # (B, n, H): the states before each scored token
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, n)
+        return out.logits[:, :-1], values
+
+
+class ValueModel(nn.Module):
+    """A separate critic: a backbone (without LM head) and a per-token value head.
+
+    Args:
+        backbone: The transformer without its LM head.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = scalar_head(backbone.config.hidden_size)
+
+    def forward(self, input_ids, attention_mask, position_ids, n_last: int) -> torch.Tensor:
+        """Values (B, n) of the positions that predict the last ``n_last`` tokens."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, -n_last - 1 : -1]  # (B, n, H)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()

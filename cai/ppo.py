@@ -1,0 +1,353 @@
+"""RL-CAI: PPO against the preference model with a KL penalty to the frozen SL-CAI policy (Bai et al. 2022, sec. 4).
+
+Run as ``cai ppo fit --config configs/ppo/tiny.yaml``. Read ``PPOModule.training_step`` top to bottom: it is the
+whole algorithm, in the order it runs (cf. CleanRL's ``ppo.py``), built on ``losses/ppo.py``. docs/ppo.md lists
+every metric and every detail with its reason.
+
+One training step = one rollout of ``batch_size`` prompts per device, then ``ppo_epochs`` passes over shuffled
+minibatches of it, one optimizer step per minibatch. Lightning's ``global_step`` therefore counts optimizer steps;
+the run length is ``total_rollouts``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from cai.training import HFModule, OptimConfig, lr_lambda, run_cli
+from data.preference import transcript
+from data.prompt_data import PromptDataModule, transcript_prompt
+from losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    value_loss,
+)
+from models import ModelConfig, load_model, load_tokenizer
+from models.heads import PolicyWithValue, PreferenceModel, ValueModel
+from models.logprobs import last_token_logprobs, left_pad, position_ids_from_mask
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters (defaults follow TRL's PPOConfig and Ziegler et al. 2019 where they apply)."""
+
+    total_rollouts: int = 100
+    """Training steps (rollouts) to run; each makes ``ppo_epochs * num_minibatches`` optimizer steps."""
+    max_new_tokens: int = 32
+    """Response length. Generation always runs this many steps (EOS is applied afterwards), so every rank makes
+    the same number of forward calls, which sharded models need."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probabilities are computed at the same temperature."""
+    top_k: int = 0
+    """Top-k sampling during rollouts (0 = off); keep it off for an unbiased on-policy ratio."""
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    num_minibatches: int = 2
+    """Minibatches per pass (``batch_size`` must be divisible by it)."""
+    clip_range: float = 0.2
+    """Policy ratio clip ε."""
+    vf_clip_range: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus (0 = off)."""
+    gamma: float = 1.0
+    """Discount (1: the only real reward is at the end)."""
+    lam: float = 0.95
+    """GAE λ."""
+    kl_coef: float = 0.05
+    """β of the per-token KL penalty (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """KL estimator of the penalty: k1 = logp - ref_logp, k3 = (r - 1) - log r."""
+    adaptive_kl: bool = False
+    """Adapt β towards ``target_kl_penalty`` (Ziegler et al. 2019)."""
+    target_kl_penalty: float = 6.0
+    """Target of the adaptive controller: KL (summed over tokens) per response."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller, in episodes."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that never produce EOS (None = no penalty)."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the rollout's response tokens."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    target_kl: float | None = None
+    """Stop the epochs of a rollout early once the approximate KL to the rollout policy exceeds this."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft: the reference policy becomes the base model with the adapter disabled (no second copy)."""
+
+    r: int = 16
+    """Rank."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters."""
+
+
+class PPOModule(HFModule):
+    """PPO with a value head (or a separate critic) against a frozen preference model and reference policy.
+
+    Args:
+        model: The policy to train, usually the SL-CAI model; also the reference policy unless ``reference`` is set.
+        preference_model: The frozen preference model (``cai pm`` output). Exclusive with ``reward_function``.
+        reward_function: ``module:function`` taking (prompts, responses) and returning a list of scores; for
+            synthetic rewards and tests. Exclusive with ``preference_model``.
+        reference: The frozen reference policy; None uses ``model``'s weights.
+        critic: A separate value network to start from (e.g. the preference model); None: a value head on the policy.
+        ppo: PPO hyperparameters.
+        optim: Optimizer and schedule (the schedule spans all optimizer steps of ``total_rollouts``).
+        lora: Train LoRA adapters instead of all weights.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        hf_out: Where the final policy is saved in Hugging Face format; default ``<log_dir>/hf``.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        preference_model: ModelConfig | None = None,
+        reward_function: str | None = None,
+        reference: ModelConfig | None = None,
+        critic: ModelConfig | None = None,
+        ppo: PPOConfig | None = None,
+        optim: OptimConfig | None = None,
+        lora: LoraConfig | None = None,
+        gradient_checkpointing: bool = False,
+        hf_out: str | None = None,
+    ):
+        super().__init__(model, optim or OptimConfig(lr=1e-6, schedule="constant"), gradient_checkpointing, hf_out)
+        if (preference_model is None) == (reward_function is None):
+            raise ValueError("ppo: give exactly one of model.preference_model and model.reward_function")
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # a rollout then several optimizer steps per training step
+        self.cfg, self.lora = ppo or PPOConfig(), lora
+        self.pm_cfg, self.ref_cfg, self.critic_cfg = preference_model, reference, critic
+        c = self.cfg
+        self.kl_ctl = (AdaptiveKLController(c.kl_coef, c.target_kl_penalty, c.kl_horizon) if c.adaptive_kl
+                       else FixedKLController(c.kl_coef))  # fmt: skip
+        self.rollouts_done = 0
+        # Frozen networks live outside the module tree: never in the optimizer, never in a checkpoint.
+        self.frozen: dict[str, torch.nn.Module] = {}
+
+    # ----------------------------------------------------------------------------------------- networks
+    def build_network(self) -> torch.nn.Module:
+        lm = load_model(self.model_cfg)
+        if self.lora is not None:
+            import peft
+
+            lm = peft.get_peft_model(lm, peft.LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=0.0,
+                                                         target_modules=self.lora.target_modules))  # fmt: skip
+        policy = PolicyWithValue(lm)
+        if self.critic_cfg is not None:
+            policy.critic = ValueModel(PreferenceModel.from_pretrained(self.critic_cfg).backbone)
+        return policy
+
+    @property
+    def hf_model(self):
+        return self.model.lm
+
+    def configure_model(self) -> None:
+        first = self.model is None
+        super().configure_model()  # policy (+ value head), sharded under ModelParallelStrategy
+        if first:
+            self.tokenizer = load_tokenizer(self.model_cfg.tokenizer or self.model_cfg.name_or_path, "left")
+            if self.ref_cfg is not None:
+                self.frozen["ref"] = load_model(self.ref_cfg)
+            elif self.lora is None:
+                self.frozen["ref"] = load_model(self.model_cfg)  # LoRA: the base model with adapters disabled
+            if self.pm_cfg is not None:
+                self.frozen["pm"] = PreferenceModel.from_pretrained(self.pm_cfg)
+                self.pm_tokenizer = load_tokenizer(self.pm_cfg.tokenizer or self.pm_cfg.name_or_path, "right")
+            else:
+                module, fn = self.hparams.reward_function.split(":")
+                self.reward_fn = getattr(importlib.import_module(module), fn)
+            for net in self.frozen.values():
+                net.requires_grad_(False).eval()
+
+    def on_fit_start(self) -> None:
+        for net in self.frozen.values():  # Lightning moves only registered modules
+            net.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            # FSDP2 makes the first module called the root. The root must be the whole policy, so call it once
+            # before generation calls the inner HF model on its own.
+            ids = torch.full((1, 2), self.tokenizer.pad_token_id, device=self.device)
+            with torch.no_grad():
+                self.model(ids, torch.ones_like(ids), position_ids_from_mask(torch.ones_like(ids)), 1)
+
+    def configure_optimizers(self):
+        c, o = self.cfg, self.optim_cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        total = c.total_rollouts * c.ppo_epochs * c.num_minibatches
+        return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o, total))]
+
+    # ----------------------------------------------------------------------------------------- rollout
+    def _forward(self, ids, mask, n):
+        """Policy logits -> log-probs (B, n), values (B, n) and per-token entropy (B, n) of the last n tokens."""
+        pos = position_ids_from_mask(mask)
+        logits, values = self.model(ids, mask, pos, n)  # (B, n, V), (B, n)
+        if self.critic_cfg is not None:
+            values = self.model.critic(ids, mask, pos, n)
+        logits = logits.float() / self.cfg.temperature
+        return logprobs_from_logits(logits, ids[:, -n:]), values, logits
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Sample responses, then score them: log-probs, reference log-probs, values, preference scores."""
+        c, tok = self.cfg, self.tokenizer
+        t0 = time.perf_counter()
+        query = tok([transcript_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        q_ids, q_mask = left_pad(query, tok.pad_token_id, self.device)  # (B, P)
+        self.model.lm.eval()
+        seq = self.model.lm.generate(
+            input_ids=q_ids, attention_mask=q_mask, max_new_tokens=c.max_new_tokens,
+            do_sample=True, temperature=c.temperature, top_k=c.top_k or None, top_p=None,
+            eos_token_id=None, pad_token_id=tok.pad_token_id, use_cache=True,
+        )  # fmt: skip  # (B, P + N): EOS does not stop generation, so all ranks run N steps
+        self.model.lm.train()
+        t_gen = time.perf_counter() - t0
+        resp = seq[:, q_ids.shape[1] :]  # (B, N)
+        is_eos = resp == tok.eos_token_id  # (B, N)
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # (B, N) strictly after the first EOS
+        r_mask = (~after_eos).long()  # (B, N) response tokens up to and including the first EOS
+        ids, mask = seq, torch.cat([q_mask, r_mask], 1)  # (B, P + N)
+        n = resp.shape[1]
+        logp, values, _ = self._forward(ids, mask, n)  # (B, N) each
+        if "ref" in self.frozen:
+            ref_logp = last_token_logprobs(self.frozen["ref"], ids, mask, n, c.temperature)  # (B, N)
+        else:
+            with self.model.lm.disable_adapter():  # LoRA: the base weights are the reference
+                ref_logp = last_token_logprobs(self.model.lm, ids, mask, n, c.temperature)
+        texts = tok.batch_decode(resp * r_mask + tok.pad_token_id * (1 - r_mask), skip_special_tokens=True)
+        scores = self.score(prompts, texts)  # (B,)
+        has_eos = is_eos.any(1)  # (B,)
+        if c.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - c.missing_eos_penalty)
+        return {"ids": ids, "mask": mask, "r_mask": r_mask, "logp": logp, "ref_logp": ref_logp, "values": values,
+                "scores": scores, "has_eos": has_eos, "texts": texts, "t_gen": t_gen}  # fmt: skip
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Preference-model scores (B,) of the transcripts, or the reward function's."""
+        if "pm" not in self.frozen:
+            return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32, device=self.device)
+        texts = [transcript(p, r) for p, r in zip(prompts, responses)]
+        enc = self.pm_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        return self.frozen["pm"](enc["input_ids"], enc["attention_mask"])
+
+    # ----------------------------------------------------------------------------------------- training step
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        c = self.cfg
+        t0 = time.perf_counter()
+        # 1. Rollout: responses and everything PPO needs about them, computed once without gradients.
+        ro = self.rollout(batch["prompt"])
+        m = ro["r_mask"]  # (B, N) 1 on response tokens
+        beta = self.kl_ctl.value
+        # 2. Rewards: -β·KL on every response token, the preference score on the last one.
+        rewards, kl = per_token_rewards(ro["scores"], ro["logp"], ro["ref_logp"], m, beta, c.kl_estimator)
+        # 3. Advantages by GAE; whitened over the rollout so the step size does not depend on the reward scale.
+        adv, returns = gae(rewards, ro["values"], m, c.gamma, c.lam)  # (B, N) each
+        if c.whiten_advantages:
+            adv = masked_whiten(adv, m)
+        kl_sum = (kl * m).sum(1)  # (B,) KL to the reference of each response
+        self._check_finite(step="rollout", scores=ro["scores"], kl=kl_sum)
+        # 4. PPO epochs over shuffled minibatches of the rollout; one optimizer step per minibatch.
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        n_rows, mb = m.shape[0], m.shape[0] // c.num_minibatches
+        stats: dict[str, list] = {k: [] for k in ("pg", "vf", "ent", "clipfrac", "approxkl", "vf_clipfrac")}
+        for _epoch in range(c.ppo_epochs):
+            perm = torch.randperm(n_rows, device=m.device)
+            for s in range(0, n_rows - mb + 1, mb):
+                i = perm[s : s + mb]
+                logp, values, logits = self._forward(ro["ids"][i], ro["mask"][i], m.shape[1])
+                pg, pg_stats = policy_loss(logp, ro["logp"][i], adv[i], m[i], c.clip_range)
+                vf, vf_stats = value_loss(values, ro["values"][i], returns[i], m[i], c.vf_clip_range)
+                entropy = masked_mean(entropy_from_logits(logits), m[i])
+                loss = pg + c.vf_coef * vf - c.ent_coef * entropy
+                self._check_finite(step="loss", loss=loss.detach())
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                for k, v in (("pg", pg), ("vf", vf), ("ent", entropy), ("clipfrac", pg_stats["clipfrac"]),
+                             ("approxkl", pg_stats["approx_kl"]), ("vf_clipfrac", vf_stats["clipfrac"])):  # fmt: skip
+                    stats[k].append(v.detach())
+            # Early stop: once the policy has moved too far from the rollout policy, more epochs overfit it.
+            if c.target_kl is not None:
+                approx = self.trainer.strategy.reduce(torch.stack(stats["approxkl"][-c.num_minibatches :]).mean())
+                if approx.item() > c.target_kl:  # the same decision on every rank (reduced value)
+                    break
+        # 5. Adapt β, count the rollout, log.
+        mean_kl = self.trainer.strategy.reduce(kl_sum.mean())
+        self.kl_ctl.update(mean_kl.item(), n_steps=n_rows * self.trainer.world_size)
+        self.rollouts_done += 1
+        self._log(ro, kl_sum, beta, stats, returns, m, time.perf_counter() - t0)
+        if self.rollouts_done >= c.total_rollouts:
+            self.trainer.should_stop = True
+
+    def _log(self, ro, kl_sum, beta, stats, returns, m, step_time) -> None:
+        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
+        lengths = m.sum(1).float()
+        self.log_dict({
+            "objective/scores": ro["scores"].mean(), "objective/kl": kl_sum.mean(),
+            "objective/rlhf_reward": (ro["scores"] - beta * kl_sum).mean(),
+            "objective/entropy": mean["ent"], "objective/kl_coef": float(beta),
+            "policy/approxkl": mean["approxkl"], "policy/clipfrac": mean["clipfrac"],
+            "loss/policy": mean["pg"], "loss/value": mean["vf"], "val/clipfrac": mean["vf_clipfrac"],
+            "val/explained_variance": explained_variance(ro["values"], returns, m),
+            "response/length": lengths.mean(), "response/eos_share": ro["has_eos"].float().mean(),
+            "response/empty_share": (lengths <= ro["has_eos"].float()).float().mean(),
+            "perf/episodes_per_sec": m.shape[0] * self.trainer.world_size / step_time,
+            "perf/generation_share": ro["t_gen"] / step_time, "perf/rollouts": float(self.rollouts_done),
+        }, prog_bar=False, sync_dist=True, on_step=True)  # fmt: skip
+        self.log("objective/scores_pb", ro["scores"].mean(), prog_bar=True, logger=False)
+
+    def _check_finite(self, step: str, **tensors: torch.Tensor) -> None:
+        """Stop with a clear message (after saving a checkpoint) when a score, KL or loss is NaN or infinite."""
+        bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        flag = self.trainer.strategy.reduce(torch.tensor(float(bool(bad)), device=self.device), reduce_op="sum")
+        if flag.item() == 0:  # every rank takes the same branch
+            return
+        path = Path(self.trainer.default_root_dir) / f"nonfinite-rollout{self.rollouts_done}.ckpt"
+        self.trainer.save_checkpoint(path)
+        raise FloatingPointError(
+            f"ppo: non-finite {', '.join(bad) or 'value on another rank'} at rollout {self.rollouts_done} "
+            f"({step}, optimizer step {self.global_step}); checkpoint saved to {path}"
+        )
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ppo_state"] = {"kl_ctl": self.kl_ctl.state_dict(), "rollouts_done": self.rollouts_done}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo_state", {})
+        if state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.rollouts_done = state["rollouts_done"]
+
+    def save_hf(self, path: str | Path) -> Path:
+        if self.lora is not None:  # merge the adapters so that the saved policy is a plain HF model
+            self.model.lm = self.model.lm.merge_and_unload()
+        return super().save_hf(path)
+
+
+def cli_main(args: list[str] | None = None):
+    """``cai ppo``: LightningCLI over ``PPOModule`` and ``PromptDataModule``."""
+    return run_cli(PPOModule, PromptDataModule, args, "cai ppo")

@@ -1,0 +1,80 @@
+"""Prompts for PPO rollouts: a DataModule that yields batches of prompt strings.
+
+Prompts longer than ``max_prompt_tokens`` (after formatting) are skipped and counted at setup rather than cut: a cut
+prompt could lose the request the policy is asked to answer. Empty prompts are skipped by ``data.prompts``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from data.prompts import load_prompts_with_stats
+from models import load_tokenizer
+
+
+def transcript_prompt(prompt: str) -> str:
+    """A prompt in the "\\n\\nHuman: ...\\n\\nAssistant:" form of Bai et al. (2022)."""
+    return f"\n\nHuman: {prompt.strip()}\n\nAssistant:"
+
+
+def collate_prompts(rows: list[dict]) -> dict[str, list]:
+    """Rows {id, prompt} -> {"id": [...], "prompt": [...]}."""
+    return {"id": [r["id"] for r in rows], "prompt": [r["prompt"] for r in rows]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Batches of ``{"id": [...], "prompt": [...]}`` for ``cai ppo``.
+
+    Args:
+        prompts: A built-in set name (red_team, helpful), a JSONL/JSON/Parquet/CSV file, or a datasets folder.
+        prompt_column: Column with the prompt (string, chat messages or hh-rlhf transcript).
+        tokenizer: Tokenizer location (linked to the policy's by ``cai ppo``).
+        batch_size: Prompts per rollout on each device.
+        max_prompt_tokens: Skip (and count) prompts longer than this many tokens in transcript form.
+        max_prompts: Use at most this many prompts.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        prompts: str = "red_team",
+        prompt_column: str = "prompt",
+        tokenizer: str = "runs/tiny-llama",
+        batch_size: int = 8,
+        max_prompt_tokens: int = 256,
+        max_prompts: int | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.skipped_too_long = 0
+
+    def setup(self, stage: str) -> None:
+        if hasattr(self, "train_set"):
+            return
+        h = self.hparams
+        ds, stats = load_prompts_with_stats(h.prompts, prompt_column=h.prompt_column, max_prompts=h.max_prompts)
+        tok = load_tokenizer(h.tokenizer)
+        lengths = [len(x) for x in tok([transcript_prompt(p) for p in ds["prompt"]])["input_ids"]]
+        keep = [i for i, n in enumerate(lengths) if n <= h.max_prompt_tokens]
+        self.skipped_too_long = len(ds) - len(keep)
+        self.skipped_empty = stats.skipped_empty
+        self.train_set = ds.select(keep)
+        if not len(self.train_set):
+            raise ValueError(f"{h.prompts}: no prompt fits max_prompt_tokens={h.max_prompt_tokens}")
+        rank_zero_info(
+            f"ppo prompts: {len(keep)} used, {self.skipped_too_long} longer than {h.max_prompt_tokens} "
+            f"tokens and {stats.skipped_empty} empty skipped"
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set.select_columns(["id", "prompt"]).with_format(None),
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,  # every rank and step sees a full batch: fixed shapes, equal work across ranks
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_prompts,
+        )

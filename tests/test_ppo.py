@@ -1,0 +1,177 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cai.pm import PreferenceModule  # noqa: F401  (imported so the module is importable in CI)
+from cai.ppo import cli_main
+from helpers import scalars
+from models import ModelConfig
+from models.heads import PreferenceModel
+
+
+def ppo_args(policy, out, rollouts, *extra, reward="cai.rewards:letter_share"):
+    args = [
+        "fit",
+        "--config",
+        "configs/ppo/tiny.yaml",
+        "--model.model.name_or_path",
+        str(policy),
+        "--model.ppo.total_rollouts",
+        str(rollouts),
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--model.hf_out",
+        str(out / "hf"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    if reward:
+        args += ["--model.preference_model", "null", "--model.reward_function", reward]
+    return args + list(extra)
+
+
+def first_last(values, k=5):
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+@pytest.fixture(scope="module")
+def pm_dir(tiny_model_dir, tmp_path_factory):
+    """A (random) preference model in the saved format of ``cai pm``."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("pm")
+    PreferenceModel.from_pretrained(ModelConfig(str(tiny_model_dir))).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_ppo_learns_a_synthetic_reward(tiny_model_dir, tmp_path):
+    cli = cli_main(ppo_args(tiny_model_dir, tmp_path, 40, "--model.optim.lr", "3e-3", "--model.ppo.ppo_epochs", "4"))
+    module = cli.model
+    assert module.rollouts_done == 40 and cli.trainer.global_step == 40 * 4 * 2  # optimizer steps
+    start, end = first_last(scalars(tmp_path, "objective/scores"))
+    assert end > start + 1.0, f"mean score {start:.2f} -> {end:.2f}"
+    kl = scalars(tmp_path, "objective/kl")
+    assert all(torch.isfinite(torch.tensor(kl))) and max(kl) < 100, kl  # bounded by the β-penalty
+    # The reference stays frozen, the policy moved.
+    ref = module.frozen["ref"].state_dict()
+    start_weights = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert all(torch.equal(ref[k].cpu(), start_weights[k]) for k in start_weights)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert any(not torch.equal(trained[k], start_weights[k]) for k in start_weights)
+    for tag in (
+        "policy/clipfrac",
+        "policy/approxkl",
+        "loss/policy",
+        "loss/value",
+        "val/explained_variance",
+        "val/clipfrac",
+        "objective/kl_coef",
+        "objective/entropy",
+        "objective/rlhf_reward",
+        "response/length",
+        "response/eos_share",
+        "perf/episodes_per_sec",
+        "perf/generation_share",
+    ):
+        assert scalars(tmp_path, tag), f"{tag} not logged"
+
+
+def test_frozen_models_are_not_in_optimizer_or_checkpoint(tiny_model_dir, pm_dir, tmp_path):
+    cli = cli_main(
+        ppo_args(tiny_model_dir, tmp_path, 2, "--model.preference_model.name_or_path", str(pm_dir), reward=None)
+    )
+    module = cli.model
+    pm_before = PreferenceModel.from_pretrained(ModelConfig(str(pm_dir))).state_dict()
+    pm_after = module.frozen["pm"].state_dict()
+    assert all(torch.equal(pm_before[k], pm_after[k].cpu()) for k in pm_before)
+    opt_params = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    for net in module.frozen.values():
+        assert not any(id(p) in opt_params for p in net.parameters())
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    n_policy = sum(1 for _ in module.model.state_dict())
+    assert len(ckpt["state_dict"]) == n_policy  # policy + value head only
+    assert "ppo_state" in ckpt and scalars(tmp_path, "objective/scores")
+
+
+def test_ppo_resumes_from_checkpoint(tiny_model_dir, tmp_path):
+    # Checkpoints every 3 rollouts (12 optimizer steps); resume a 5-rollout run from the one at rollout 3.
+    extra = [
+        "--model.ppo.adaptive_kl",
+        "true",
+        "--model.ppo.target_kl_penalty",
+        "0.5",
+        "--model.ppo.kl_horizon",
+        "100",
+        "--trainer.callbacks",
+        '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+        '"init_args": {"every_n_train_steps": 12, "save_top_k": -1}}]',
+    ]
+    full = cli_main(ppo_args(tiny_model_dir, tmp_path / "a", 5, *extra))
+    ckpt = next((tmp_path / "a").rglob("*step=12.ckpt"))
+    state = torch.load(ckpt, weights_only=False)
+    assert state["ppo_state"]["rollouts_done"] == 3 and state["ppo_state"]["kl_ctl"]["value"] != 0.05
+    resumed = cli_main(ppo_args(tiny_model_dir, tmp_path / "b", 5, *extra, "--ckpt_path", str(ckpt)))
+    assert resumed.model.rollouts_done == 5 and resumed.trainer.global_step == full.trainer.global_step == 20
+    assert len(scalars(tmp_path / "b", "objective/scores")) == 2  # only rollouts 4 and 5 ran again
+    betas = scalars(tmp_path / "b", "objective/kl_coef")
+    assert betas[0] == pytest.approx(state["ppo_state"]["kl_ctl"]["value"])  # β continued, not reset
+
+
+def test_nan_reward_stops_with_checkpoint(tiny_model_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite scores at rollout 2 \(rollout"):
+        cli_main(ppo_args(tiny_model_dir, tmp_path, 5, reward="cai.rewards:nan_after_two_calls"))
+    saved = list(tmp_path.glob("nonfinite-rollout2.ckpt"))
+    assert saved and torch.load(saved[0], weights_only=False)["ppo_state"]["rollouts_done"] == 2
+
+
+def test_ppo_lora_uses_base_as_reference(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft", reason="LoRA needs peft (the lora or bench extra)")
+    cli = cli_main(ppo_args(tiny_model_dir, tmp_path, 2, "--model.lora.r", "4", "--model.optim.lr", "1e-2"))
+    assert "ref" not in cli.model.frozen  # no second copy of the policy
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()  # merged, plain HF model
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_ppo_fsdp2_two_cpu_processes(tiny_model_dir, pm_dir, tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
+    }
+    args = ppo_args(
+        tiny_model_dir,
+        tmp_path,
+        3,
+        "--model.preference_model.name_or_path",
+        str(pm_dir),
+        "--config",
+        "configs/strategies/fsdp2_cpu.yaml",
+        reward=None,
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "ppo", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(scalars(tmp_path, "objective/scores")) == 3
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert all(trained[k].shape == start[k].shape for k in start)  # gathered, not shards
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_ppo_bf16(tiny_model_dir, tmp_path, precision):
+    cli = cli_main(ppo_args(tiny_model_dir, tmp_path, 2, "--trainer.precision", precision))
+    assert cli.model.rollouts_done == 2
+    assert all(torch.isfinite(torch.tensor(scalars(tmp_path, tag))).all() for tag in ("loss/policy", "objective/kl"))
+    if precision == "bf16-true":
+        assert next(cli.model.frozen["ref"].parameters()).dtype == torch.bfloat16
