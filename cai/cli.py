@@ -13,22 +13,14 @@ import sys
 # name -> ("module:function", kind, one-line help). kind "fn" is parsed by jsonargparse.CLI from the function's
 # signature and docstring; kind "argv" receives the remaining arguments itself (LightningCLI programs).
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "tiny-model": ("models.tiny:main", "fn", "build a tiny random HF model and tokenizer for offline runs"),
     "pipeline": ("cai.pipeline:run", "fn", "the whole method, stage by stage, resumable (the main job)"),
+    "tiny-model": ("models.tiny:main", "fn", "build a tiny random HF model and tokenizer for offline runs"),
     "sl-data": ("cai.sl_data:run", "fn", "SL-CAI: critique-revision data from red-team and helpful prompts"),
-    "label": ("cai.label:run", "fn", "RL-CAI: response pairs labelled by AI feedback (soft preference labels)"),
-    "eval-feedback": (
-        "cai.eval_feedback:run",
-        "fn",
-        "accuracy and calibration of a feedback model on multiple-choice evals",
-    ),
-    "ppo": (
-        "cai.ppo:cli_main",
-        "argv",
-        "RL-CAI: PPO against the preference model (LightningCLI: cai ppo fit --config ...)",
-    ),
-    "sft": ("cai.sft:cli_main", "argv", "SFT on the SL-CAI data (LightningCLI: cai sft fit --config ...)"),
-    "pm": ("cai.pm:cli_main", "argv", "preference model on AI soft labels (LightningCLI: cai pm fit --config ...)"),
+    "sft": ("cai.sft:cli_main", "argv", "SL-CAI: supervised fine-tuning (LightningCLI: cai sft fit ...)"),
+    "label": ("cai.label:run", "fn", "RL-CAI: response pairs labelled by AI feedback (soft labels)"),
+    "eval-feedback": ("cai.eval_feedback:run", "fn", "accuracy and calibration of a feedback model"),
+    "pm": ("cai.pm:cli_main", "argv", "RL-CAI: preference model (LightningCLI: cai pm fit ...)"),
+    "ppo": ("cai.ppo:cli_main", "argv", "RL-CAI: PPO against the preference model (cai ppo fit ...)"),
 }
 
 
@@ -43,7 +35,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from cai.constitution import ConstitutionError
     from data.prompts import PromptDataError
 
-    return (ConstitutionError, PromptDataError, FileNotFoundError)
+    return (ConstitutionError, PromptDataError, FileNotFoundError, FloatingPointError)
 
 
 def _quiet_libraries() -> None:
