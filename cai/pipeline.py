@@ -1,11 +1,20 @@
 """The whole method as one command: ``cai pipeline --config configs/pipeline/tiny.yaml``.
 
-Stages run in order, each writing into one run directory. A stage whose finished output is already there is skipped,
-so an interrupted pipeline resumes by running the same command again (and a stage that was cut off mid-way resumes
-on its own: ``sl-data`` continues its JSONL file).
+Stages run in order, each writing into one run directory:
 
-Stages so far: the base model (a tiny random model when none is given), SL-CAI critique-revision data, and SFT.
-The RL-CAI stages (AI preference labels, preference model, PPO) and the evaluation join here as they land.
+1. ``base_model``: a tiny random model when no ``base_model`` is given (the offline demo);
+2. ``sl_data``: SL-CAI critique-revision data (``cai sl-data``);
+3. ``sft``: the SL-CAI model (``cai sft fit``);
+4. ``label``: response pairs of the SL-CAI model labelled by AI feedback (``cai label``);
+5. ``eval_feedback``: the feedback model's accuracy and calibration on the paper's 438 HHH comparisons, when that
+   file is given or found beside the checkout (``cai eval-feedback``);
+6. ``pm``: the preference model on the soft labels (``cai pm fit``);
+7. ``ppo``: the RL-CAI policy (``cai ppo fit``);
+8. ``eval``: base vs SL-CAI vs RL-CAI (``cai eval``), then ``report.md``.
+
+A stage whose finished output is already there is skipped, so an interrupted pipeline resumes by running the same
+command again. A stage cut off mid-way continues too: generation stages continue their JSONL files, and training
+stages restart from their last Lightning checkpoint.
 """
 
 from __future__ import annotations
@@ -16,18 +25,12 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import yaml
 
 from models.tiny import TinyModelConfig, make_tiny_model
 
-
-def _stage(name: str, done: bool, log: list) -> bool:
-    state = "skipped (already done)" if done else "running"
-    print(f"\n=== pipeline: {name}: {state}", flush=True)
-    log.append({"stage": name, "skipped": done, "time": time.time()})
-    return not done
+HHH_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "anthropic-cai" / "evals" / "438HHHEvaluations.jsonl"
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -37,28 +40,41 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def run_sft(config: dict, run_dir: Path, model: str, train: Path) -> Path:
-    """Run ``cai sft fit`` with ``config`` and the pipeline's paths; returns the Hugging Face output folder."""
-    from cai.sft import cli_main
+def _yaml_file(data: dict) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(data, f)
+    return f.name
 
-    sft_dir = run_dir / "sft"
+
+def run_function_stage(fn, config: dict, prog: str):
+    """Run a function-style stage through jsonargparse, so the pipeline's settings are validated like the CLI's."""
+    from jsonargparse import CLI
+
+    return CLI(fn, args=["--config", _yaml_file(config)], prog=prog)
+
+
+def run_lightning_stage(cli_main, config: dict, stage_dir: Path, model_fields: dict, data_fields: dict) -> Path:
+    """Run ``cai <stage> fit`` with ``config`` and the pipeline's paths; resume from the stage's last checkpoint."""
     fixed = {
         "trainer": {
-            "default_root_dir": str(sft_dir),
+            "default_root_dir": str(stage_dir),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(sft_dir), "name": "tb", "version": 0},
-            },
+                "init_args": {"save_dir": str(stage_dir), "name": "tb", "version": 0},
+            },  # fmt: skip
         },
-        "model": {"model": {"name_or_path": model}, "hf_out": str(sft_dir / "hf")},
-        "data": {"train": str(train)},
+        "model": {**model_fields, "hf_out": str(stage_dir / "hf")},
+        "data": data_fields,
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(_deep_merge(config, fixed), f)
+    args = ["fit", "--config", _yaml_file(_deep_merge(config, fixed))]
+    last = stage_dir / "tb" / "version_0" / "checkpoints" / "last.ckpt"
+    if last.exists():
+        print(f"    resuming from {last}")
+        args += ["--ckpt_path", str(last)]
     with warnings.catch_warnings():  # LightningCLI warns that sys.argv (the pipeline's own) is not what it parses
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        cli_main(["fit", "--config", f.name])
-    return sft_dir / "hf"
+        cli_main(args)
+    return stage_dir / "hf"
 
 
 def run(
@@ -67,60 +83,108 @@ def run(
     tiny: TinyModelConfig | None = None,
     sl_data: dict | None = None,
     sft: dict | None = None,
+    label: dict | None = None,
+    pm: dict | None = None,
+    ppo: dict | None = None,
+    evaluate: dict | None = None,
+    hhh_evals: str | None = None,
 ) -> Path:
-    """Run every stage that is not done yet and print where the outputs are.
+    """Run every stage that is not done yet, write the report, and print where the outputs are.
 
     Args:
         run_dir: Folder that receives every stage's output.
         base_model: The model to align (directory or hub id); None builds a tiny random model (offline demo).
         tiny: Tiny model settings, used when ``base_model`` is None.
-        sl_data: Arguments of ``cai sl-data`` (as in configs/sl_data/*.yaml); ``out`` and the model path are set here.
+        sl_data: Arguments of ``cai sl-data`` (as in configs/sl_data/*.yaml); paths are set here.
         sft: A LightningCLI config of ``cai sft fit`` (as in configs/sft/*.yaml); paths are set here.
+        label: Arguments of ``cai label`` (as in configs/label/*.yaml); paths are set here.
+        pm: A LightningCLI config of ``cai pm fit``; paths are set here.
+        ppo: A LightningCLI config of ``cai ppo fit``; paths are set here.
+        evaluate: Arguments of ``cai eval``; the models compared and paths are set here.
+        hhh_evals: The paper's 438 HHH comparisons (JSONL) for the feedback model's accuracy; default: the copy in
+            ``../shared/anthropic-cai`` beside the checkout when it exists; ``none`` to skip.
     """
+    from cai import eval_feedback
+    from cai import label as label_stage
     from cai import sl_data as sl_stage
+    from cai.pm import cli_main as pm_cli
+    from cai.ppo import cli_main as ppo_cli
+    from cai.sft import cli_main as sft_cli
 
-    cfg = SimpleNamespace(
-        run_dir=run_dir, base_model=base_model, tiny=tiny or TinyModelConfig(), sl_data=sl_data or {}, sft=sft or {}
-    )
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = {**vars(cfg), "tiny": asdict(cfg.tiny)}
-    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    rd = Path(run_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    tiny = tiny or TinyModelConfig()
+    settings = dict(run_dir=run_dir, base_model=base_model, tiny=asdict(tiny), sl_data=sl_data, sft=sft, label=label,
+                    pm=pm, ppo=ppo, evaluate=evaluate, hhh_evals=hhh_evals)  # fmt: skip
+    (rd / "pipeline.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    hhh = None if hhh_evals == "none" else hhh_evals or (str(HHH_DEFAULT) if HHH_DEFAULT.exists() else None)
     log: list[dict] = []
     start = time.time()
 
-    base = cfg.base_model
-    if base is None:
-        base = str(run_dir / "base_model")
-        if _stage("base model (tiny, random)", (Path(base) / "config.json").exists(), log):
-            make_tiny_model(base, cfg.tiny)
+    def stage(name: str, done_marker: Path) -> bool:
+        done = done_marker.exists()
+        print(f"\n=== pipeline: {name}: {'skipped (already done)' if done else 'running'}", flush=True)
+        log.append({"stage": name, "skipped": done, "started": time.time()})
+        return not done
 
-    sl_dir = run_dir / "sl_data"
-    if _stage("SL-CAI critique-revision data", (sl_dir / "summary.json").exists(), log):
-        args = {**cfg.sl_data, "out": str(sl_dir)}
-        args["model"] = {**args.get("model", {}), "name_or_path": base}
-        from jsonargparse import CLI
+    base = base_model or str(rd / "base_model")
+    if base_model is None and stage("base model (tiny, random)", rd / "base_model" / "config.json"):
+        make_tiny_model(base, tiny)
 
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(args, f)
-        CLI(sl_stage.run, args=["--config", f.name], prog="cai sl-data")
+    if stage("SL-CAI critique-revision data", rd / "sl_data" / "summary.json"):
+        cfg = _deep_merge(sl_data or {}, {"out": str(rd / "sl_data"), "model": {"name_or_path": base}})
+        run_function_stage(sl_stage.run, cfg, "cai sl-data")
 
-    sft_hf = run_dir / "sft" / "hf"
-    if _stage("SFT (the SL-CAI model)", (sft_hf / "model.safetensors").exists(), log):
-        run_sft(cfg.sft, run_dir, base, sl_dir / "sft")
+    sl_cai = rd / "sft" / "hf"
+    if stage("SFT: the SL-CAI model", sl_cai / "model.safetensors"):
+        run_lightning_stage(sft_cli, sft or {}, rd / "sft", {"model": {"name_or_path": base}},
+                            {"train": str(rd / "sl_data" / "sft")})  # fmt: skip
 
-    summary = {
-        "run_dir": str(run_dir),
-        "base_model": base,
-        "sl_data": str(sl_dir / "records.jsonl"),
-        "sl_cai_model": str(sft_hf),
-        "stages": log,
-        "seconds": round(time.time() - start, 1),
-    }
-    (run_dir / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n=== pipeline done in {summary['seconds']}s. Outputs in {run_dir}/:")
-    print(f"  base model         {base}")
-    print(f"  SL-CAI data        {sl_dir / 'records.jsonl'}  (datasets split: {sl_dir / 'sft'})")
-    print(f"  SL-CAI model (HF)  {sft_hf}")
-    print(f"  SFT curves         tensorboard --logdir {run_dir / 'sft'}")
-    return run_dir
+    if stage("response pairs and AI preference labels", rd / "label" / "summary.json"):
+        cfg = _deep_merge(label or {}, {"out": str(rd / "label"), "policy": {"name_or_path": str(sl_cai)}})
+        run_function_stage(label_stage.run, cfg, "cai label")
+
+    if hhh and stage("feedback model on the 438 HHH comparisons", rd / "eval_feedback" / "metrics.json"):
+        eval_feedback.run(model=_model(str(sl_cai)), evals=hhh, out=str(rd / "eval_feedback"))
+
+    pm_hf = rd / "pm" / "hf"
+    if stage("preference model", pm_hf / "model.safetensors"):
+        run_lightning_stage(pm_cli, pm or {}, rd / "pm", {"model": {"name_or_path": str(sl_cai)}},
+                            {"train": str(rd / "label" / "pairs")})  # fmt: skip
+
+    rl_cai = rd / "ppo" / "hf"
+    if stage("PPO: the RL-CAI model", rl_cai / "model.safetensors"):
+        model_fields = {"model": {"name_or_path": str(sl_cai)}, "preference_model": {"name_or_path": str(pm_hf)}}
+        run_lightning_stage(ppo_cli, ppo or {}, rd / "ppo", model_fields, {})
+
+    models = {"base": base, "sl-cai": str(sl_cai), "rl-cai": str(rl_cai)}
+    if evaluate is not None and stage("evaluation: base vs SL-CAI vs RL-CAI", rd / "eval" / "eval.json"):
+        from cai.evaluate import run as eval_run
+
+        cfg = _deep_merge(evaluate, {"out": str(rd / "eval"), "models": models, "preference_model": str(pm_hf),
+                                     "feedback_model": str(sl_cai), "hhh_evals": hhh})  # fmt: skip
+        run_function_stage(eval_run, cfg, "cai eval")
+
+    report = None
+    if evaluate is not None:
+        from cai.report import write_report
+
+        report = write_report(rd)
+    summary = {"run_dir": str(rd), "models": models, "report": str(report) if report else None, "stages": log,
+               "seconds": round(time.time() - start, 1)}  # fmt: skip
+    (rd / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n=== pipeline done in {summary['seconds']}s. Outputs in {rd}/:")
+    for name, path in [("SL-CAI data", rd / "sl_data" / "records.jsonl"), ("SL-CAI model (HF)", sl_cai),
+                       ("AI preference labels", rd / "label" / "records.jsonl"), ("preference model (HF)", pm_hf),
+                       ("RL-CAI model (HF)", rl_cai), ("evaluation", rd / "eval" / "eval.json"),
+                       ("report", report)]:  # fmt: skip
+        if path is not None and Path(path).exists():
+            print(f"  {name:22s} {path}")
+    print(f"  {'training curves':22s} tensorboard --logdir {rd}")
+    return rd
+
+
+def _model(path: str):
+    from models import ModelConfig
+
+    return ModelConfig(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,10 @@ from losses import (
 from models import ModelConfig, load_model, load_tokenizer
 from models.heads import PolicyWithValue, PreferenceModel, ValueModel
 from models.logprobs import last_token_logprobs, left_pad, position_ids_from_mask
+
+# Checkpoints taken between training steps hold the state after that step's optimizer steps, which is what resuming
+# needs; Lightning warns about this for every manual-optimization module that checkpoints by step.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 @dataclass
