@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval-feedback": ("cai.eval_feedback:run", "fn", "accuracy and calibration of a feedback model"),
     "pm": ("cai.pm:cli_main", "argv", "RL-CAI: preference model (LightningCLI: cai pm fit ...)"),
     "ppo": ("cai.ppo:cli_main", "argv", "RL-CAI: PPO against the preference model (cai ppo fit ...)"),
+    "eval": ("cai.evaluate:run", "fn", "compare checkpoints: PM scores, win rates and Elo by the feedback model"),
+    "report": ("cai.report:main", "fn", "write report.md (curves, labels, Elo, samples, config) for a run folder"),
 }
 
 

@@ -52,6 +52,8 @@ class PromptSources:
     """Share of helpful prompts in the mix (0.25: one helpful prompt for every three red-team prompts)."""
     prompt_column: str = "prompt"
     """Column holding the prompt (a string, chat messages, or an hh-rlhf transcript)."""
+    helpful_prompt_column: str | None = None
+    """Prompt column of the helpful set when it differs from ``prompt_column``."""
     max_prompts: int | None = None
     """Use at most this many prompts in all (after mixing); None for all."""
     max_prompt_chars: int | None = 4000
@@ -166,9 +168,8 @@ def load_prompt_mix(src: PromptSources) -> tuple[list[dict], dict]:
     )
     counts = {"skipped_empty": red_stats.skipped_empty, "skipped_too_long": red_stats.skipped_too_long}
     if src.helpful and src.helpful_ratio > 0:
-        helpful, h_stats = load_prompts_with_stats(
-            src.helpful, prompt_column=src.prompt_column, max_chars=src.max_prompt_chars
-        )
+        column = src.helpful_prompt_column or src.prompt_column
+        helpful, h_stats = load_prompts_with_stats(src.helpful, prompt_column=column, max_chars=src.max_prompt_chars)
         counts["skipped_empty"] += h_stats.skipped_empty
         counts["skipped_too_long"] += h_stats.skipped_too_long
         mixed = mix_prompts(red, helpful, src.helpful_ratio, seed=src.seed)

@@ -279,6 +279,8 @@ def _open(source: str | Path, split: str, cache_dir: str | Path | None) -> tuple
         with resources.as_file(resources.files("data").joinpath("builtin", f"{source}.jsonl")) as path:
             return _load_file(path, cache_dir), source, source
     path = Path(source)
+    if not path.exists() and isinstance(source, str) and not path.suffix and len(path.parts) >= 2:
+        return _load_hub(source, split, cache_dir), source, path.parts[1]
     if not path.exists():
         if isinstance(source, str) and not path.suffix and len(path.parts) == 1:
             raise PromptDataError(f"unknown built-in prompt set {source!r}; built-in sets: {', '.join(BUILTIN_SETS)}")
@@ -294,6 +296,18 @@ def _open(source: str | Path, split: str, cache_dir: str | Path | None) -> tuple
             loaded = loaded[split]
         return loaded, path.name, path.name
     return _load_file(path, cache_dir), path.name, path.stem
+
+
+def _load_hub(source: str, split: str, cache_dir: str | Path | None) -> datasets.Dataset:
+    """A hub dataset named ``owner/name`` or ``owner/name/data_dir`` (e.g. ``Anthropic/hh-rlhf/red-team-attempts``)."""
+    parts = source.split("/")
+    repo, data_dir = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        return datasets.load_dataset(
+            repo, data_dir=data_dir, split=split, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
+    except Exception as err:  # offline, unknown repo, missing split: all the user's to fix
+        raise PromptDataError(f"{source}: cannot load hub dataset: {' '.join(str(err).split())[:300]}") from None
 
 
 def _load_file(path: Path, cache_dir: str | Path | None) -> datasets.Dataset:

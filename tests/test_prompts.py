@@ -281,3 +281,25 @@ def test_mix_rejects_shared_ids_and_missing_columns():
         mix_prompts(_prompts("rt", 4), _prompts("rt", 4), 0.5)
     with pytest.raises(PromptDataError, match="helpful has no column 'prompt'"):
         mix_prompts(_prompts("rt", 4), _prompts("hp", 4).remove_columns("prompt"), 0.5)
+
+
+def test_hub_dataset_names(monkeypatch):
+    import data.prompts as prompts_mod
+
+    seen = {}
+
+    def fake_load_dataset(repo, data_dir=None, split=None, cache_dir=None):
+        seen.update(repo=repo, data_dir=data_dir, split=split)
+        return datasets.Dataset.from_list([{"transcript": "\n\nHuman: Is it safe?\n\nAssistant: Yes."}])
+
+    monkeypatch.setattr(prompts_mod.datasets, "load_dataset", fake_load_dataset)
+    ds = prompts_mod.load_prompts("Anthropic/hh-rlhf/red-team-attempts", prompt_column="transcript")
+    assert seen == {"repo": "Anthropic/hh-rlhf", "data_dir": "red-team-attempts", "split": "train"}
+    assert ds["prompt"] == ["Is it safe?"]
+
+
+def test_hub_dataset_offline_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PromptDataError, match=r"^owner/missing-set: cannot load hub dataset") as err:
+        load_prompts("owner/missing-set")
+    assert "\n" not in str(err.value)
