@@ -61,7 +61,7 @@ def run_lightning_stage(cli_main, config: dict, stage_dir: Path, model_fields: d
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(stage_dir), "name": "tb", "version": 0},
-            },  # fmt: skip
+            },
         },
         "model": {**model_fields, "hf_out": str(stage_dir / "hf")},
         "data": data_fields,
@@ -114,8 +114,18 @@ def run(
     rd = Path(run_dir)
     rd.mkdir(parents=True, exist_ok=True)
     tiny = tiny or TinyModelConfig()
-    settings = dict(run_dir=run_dir, base_model=base_model, tiny=asdict(tiny), sl_data=sl_data, sft=sft, label=label,
-                    pm=pm, ppo=ppo, evaluate=evaluate, hhh_evals=hhh_evals)  # fmt: skip
+    settings = dict(
+        run_dir=run_dir,
+        base_model=base_model,
+        tiny=asdict(tiny),
+        sl_data=sl_data,
+        sft=sft,
+        label=label,
+        pm=pm,
+        ppo=ppo,
+        evaluate=evaluate,
+        hhh_evals=hhh_evals,
+    )
     (rd / "pipeline.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     hhh = None if hhh_evals == "none" else hhh_evals or (str(HHH_DEFAULT) if HHH_DEFAULT.exists() else None)
     log: list[dict] = []
@@ -137,8 +147,9 @@ def run(
 
     sl_cai = rd / "sft" / "hf"
     if stage("SFT: the SL-CAI model", sl_cai / "model.safetensors"):
-        run_lightning_stage(sft_cli, sft or {}, rd / "sft", {"model": {"name_or_path": base}},
-                            {"train": str(rd / "sl_data" / "sft")})  # fmt: skip
+        run_lightning_stage(
+            sft_cli, sft or {}, rd / "sft", {"model": {"name_or_path": base}}, {"train": str(rd / "sl_data" / "sft")}
+        )
 
     if stage("response pairs and AI preference labels", rd / "label" / "summary.json"):
         cfg = _deep_merge(label or {}, {"out": str(rd / "label"), "policy": {"name_or_path": str(sl_cai)}})
@@ -149,8 +160,13 @@ def run(
 
     pm_hf = rd / "pm" / "hf"
     if stage("preference model", pm_hf / "model.safetensors"):
-        run_lightning_stage(pm_cli, pm or {}, rd / "pm", {"model": {"name_or_path": str(sl_cai)}},
-                            {"train": str(rd / "label" / "pairs")})  # fmt: skip
+        run_lightning_stage(
+            pm_cli,
+            pm or {},
+            rd / "pm",
+            {"model": {"name_or_path": str(sl_cai)}},
+            {"train": str(rd / "label" / "pairs")},
+        )
 
     rl_cai = rd / "ppo" / "hf"
     if stage("PPO: the RL-CAI model", rl_cai / "model.safetensors"):
@@ -158,11 +174,22 @@ def run(
         run_lightning_stage(ppo_cli, ppo or {}, rd / "ppo", model_fields, {})
 
     models = {"base": base, "sl-cai": str(sl_cai), "rl-cai": str(rl_cai)}
+    # The HHH accuracy comes from the eval_feedback stage above (same model): not computed twice.
     if evaluate is not None and stage("evaluation: base vs SL-CAI vs RL-CAI", rd / "eval" / "eval.json"):
         from cai.evaluate import run as eval_run
 
-        cfg = _deep_merge(evaluate, {"out": str(rd / "eval"), "models": models, "preference_model": str(pm_hf),
-                                     "feedback_model": str(sl_cai), "hhh_evals": hhh})  # fmt: skip
+        cfg = _deep_merge(
+            evaluate,
+            {
+                "out": str(rd / "eval"),
+                "models": models,
+                "preference_model": str(pm_hf),
+                "feedback_model": str(sl_cai),
+                "hhh_evals": None,
+                # A true hold-out: prompts any training stage saw are skipped.
+                "exclude": [str(rd / "sl_data" / "records.jsonl"), str(rd / "label" / "records.jsonl")],
+            },
+        )
         run_function_stage(eval_run, cfg, "cai eval")
 
     report = None
@@ -170,14 +197,24 @@ def run(
         from cai.report import write_report
 
         report = write_report(rd)
-    summary = {"run_dir": str(rd), "models": models, "report": str(report) if report else None, "stages": log,
-               "seconds": round(time.time() - start, 1)}  # fmt: skip
+    summary = {
+        "run_dir": str(rd),
+        "models": models,
+        "report": str(report) if report else None,
+        "stages": log,
+        "seconds": round(time.time() - start, 1),
+    }
     (rd / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n=== pipeline done in {summary['seconds']}s. Outputs in {rd}/:")
-    for name, path in [("SL-CAI data", rd / "sl_data" / "records.jsonl"), ("SL-CAI model (HF)", sl_cai),
-                       ("AI preference labels", rd / "label" / "records.jsonl"), ("preference model (HF)", pm_hf),
-                       ("RL-CAI model (HF)", rl_cai), ("evaluation", rd / "eval" / "eval.json"),
-                       ("report", report)]:  # fmt: skip
+    for name, path in [
+        ("SL-CAI data", rd / "sl_data" / "records.jsonl"),
+        ("SL-CAI model (HF)", sl_cai),
+        ("AI preference labels", rd / "label" / "records.jsonl"),
+        ("preference model (HF)", pm_hf),
+        ("RL-CAI model (HF)", rl_cai),
+        ("evaluation", rd / "eval" / "eval.json"),
+        ("report", report),
+    ]:
         if path is not None and Path(path).exists():
             print(f"  {name:22s} {path}")
     print(f"  {'training curves':22s} tensorboard --logdir {rd}")

@@ -56,6 +56,8 @@ class PromptSources:
     """Prompt column of the helpful set when it differs from ``prompt_column``."""
     max_prompts: int | None = None
     """Use at most this many prompts in all (after mixing); None for all."""
+    hold_out_last: int = 0
+    """Leave out the last N prompts of each set (``cai eval`` takes its held-out prompts from the end)."""
     max_prompt_chars: int | None = 4000
     """Skip (and count) prompts longer than this many characters."""
     seed: int = 0
@@ -161,18 +163,23 @@ def critique_revise(
     return records
 
 
+def _drop_last(ds, n: int):
+    return ds.select(range(max(0, len(ds) - n))) if n else ds
+
+
 def load_prompt_mix(src: PromptSources) -> tuple[list[dict], dict]:
     """Load, clean and mix the red-team and helpful prompts. Returns the rows and the skip counters."""
     red, red_stats = load_prompts_with_stats(
         src.red_team, prompt_column=src.prompt_column, max_chars=src.max_prompt_chars
     )
     counts = {"skipped_empty": red_stats.skipped_empty, "skipped_too_long": red_stats.skipped_too_long}
+    red = _drop_last(red, src.hold_out_last)
     if src.helpful and src.helpful_ratio > 0:
         column = src.helpful_prompt_column or src.prompt_column
         helpful, h_stats = load_prompts_with_stats(src.helpful, prompt_column=column, max_chars=src.max_prompt_chars)
         counts["skipped_empty"] += h_stats.skipped_empty
         counts["skipped_too_long"] += h_stats.skipped_too_long
-        mixed = mix_prompts(red, helpful, src.helpful_ratio, seed=src.seed)
+        mixed = mix_prompts(red, _drop_last(helpful, src.hold_out_last), src.helpful_ratio, seed=src.seed)
     else:
         mixed = red.add_column("kind", ["red_team"] * len(red))
     rows = [{"id": str(r["id"]), "prompt": r["prompt"], "kind": r["kind"]} for r in mixed]

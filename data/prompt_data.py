@@ -34,6 +34,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: Prompts per rollout on each device.
         max_prompt_tokens: Skip (and count) prompts longer than this many tokens in transcript form.
         max_prompts: Use at most this many prompts.
+        hold_out_last: Leave out the last N prompts (``cai eval`` takes its held-out prompts from the end).
         num_workers: DataLoader worker processes.
     """
 
@@ -45,6 +46,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 8,
         max_prompt_tokens: int = 256,
         max_prompts: int | None = None,
+        hold_out_last: int = 0,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -55,7 +57,9 @@ class PromptDataModule(L.LightningDataModule):
         if hasattr(self, "train_set"):
             return
         h = self.hparams
-        ds, stats = load_prompts_with_stats(h.prompts, prompt_column=h.prompt_column, max_prompts=h.max_prompts)
+        ds, stats = load_prompts_with_stats(h.prompts, prompt_column=h.prompt_column)
+        ds = ds.select(range(max(0, len(ds) - h.hold_out_last)))
+        ds = ds.select(range(min(len(ds), h.max_prompts or len(ds))))
         tok = load_tokenizer(h.tokenizer)
         lengths = [len(x) for x in tok([transcript_prompt(p) for p in ds["prompt"]])["input_ids"]]
         keep = [i for i, n in enumerate(lengths) if n <= h.max_prompt_tokens]

@@ -1,0 +1,399 @@
+"""A Markdown report of a pipeline run: ``cai report --run_dir runs/demo``.
+
+It reads whatever the run directory holds (see ``cai.pipeline``): TensorBoard logs of the training stages, the
+SL-CAI records, the AI labels, the evaluation and the configs, and writes ``run_dir/report.md`` with its figures in
+``run_dir/report/``. Figures are drawn from the run's own data; a stage that has not run gets a one-line note.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STAGES = {"sft": "SFT (SL-CAI model)", "pm": "Preference model", "ppo": "PPO (RL-CAI model)"}
+"""Training stage folder -> title; each holds TensorBoard event files somewhere below it."""
+KNOWN_TAGS = tuple(
+    "loss/train val/loss val/perplexity train/accuracy val/accuracy val/calibration_error val/margin objective/scores "
+    "objective/kl objective/rlhf_reward objective/entropy objective/kl_coef loss/policy loss/value policy/approxkl "
+    "policy/clipfrac val/explained_variance response/length".split()
+)
+"""Scalar tags plotted first, in this order; other tags follow (up to ``MAX_PANELS``)."""
+SKIPPED_TAGS = ("epoch", "hp_metric")
+MAX_PANELS = 16
+SECTION_TITLES = {
+    "summary": "How the run went",
+    "curves": "Training curves",
+    "labels": "AI feedback labels and calibration",
+    "evaluation": "Evaluation: win rates and Elo",
+    "samples": "Samples",
+    "configs": "Configs",
+}
+NUM_SAMPLES = 3
+CELL_CHARS = 600
+
+
+def read_scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the event files below ``stage_dir``, as sorted (step, value) lists.
+
+    Event files of a resumed run overlap; for a step logged twice the later file's value is kept.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, dict[int, float]] = {}
+    files = sorted(stage_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})  # 0: keep every point
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag not in SKIPPED_TAGS:
+                series.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def last(scalars: dict, tag: str) -> float | None:
+    """The value at the last step of ``tag``; None when the tag is absent."""
+    return scalars[tag][-1][1] if scalars.get(tag) else None
+
+
+def finals(scalars: dict, *tags: str) -> str:
+    """'final tag value, tag value' for the given tags."""
+    return "final " + ", ".join(f"{t} {fmt(last(scalars, t))}" for t in tags)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(scalars: dict, title: str, path: Path) -> Path:
+    """One subplot per scalar tag (known tags first), saved as a PNG."""
+    tags = [t for t in KNOWN_TAGS if t in scalars] + sorted(t for t in scalars if t not in KNOWN_TAGS)
+    tags = tags[:MAX_PANELS]
+    cols = min(3, len(tags))
+    rows = -(-len(tags) // cols)
+    plt = _plt()
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, tag in zip(axes.flat, tags):
+        steps, values = zip(*scalars[tag])
+        ax.plot(steps, values, marker="o" if len(steps) < 20 else None, ms=3)
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tags) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_label_histogram(records: list[dict], path: Path) -> Path:
+    """Histograms of the AI labels: P(response_a better) and P(chosen better)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, bins, note in (
+        (axes[0], "p_a", [i / 20 for i in range(21)], "P(response A better); 0.5: no preference"),
+        (axes[1], "p_chosen", [0.5 + i / 40 for i in range(21)], "P(chosen better) = max(p_a, 1 - p_a)"),
+    ):
+        values = [r[key] for r in records]
+        ax.hist(values, bins=bins, edgecolor="k", alpha=0.75)
+        ax.axvline(sum(values) / len(values), color="C3", lw=1.5, label=f"mean {sum(values) / len(values):.3f}")
+        ax.set(xlabel=key, ylabel="pairs", title=note)
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"AI feedback labels ({len(records)} pairs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file (empty when the file is absent; a cut last line is ignored)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is absent."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _safe(fn, path: Path, default):
+    """``fn(path)``, or ``default`` (with a warning) when the file cannot be read."""
+    try:
+        return fn(path)
+    except Exception as e:  # a damaged log must not stop the report
+        print(f"report: cannot read {path}: {e!r}", file=sys.stderr)
+        return default
+
+
+def cell(text: str | None, limit: int = CELL_CHARS) -> str:
+    """Text made safe for a Markdown table cell: pipes escaped, newlines as <br>, long text cut."""
+    text = (text or "").strip()
+    if len(text) > limit:
+        text = text[:limit].rstrip() + " …"
+    text = "".join(c if c.isprintable() or c == "\n" else " " for c in text)  # tabs, control bytes of tiny models
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return text.replace("\n", "<br>") or "*(empty)*"
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for the report; '-' for None."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+class Report:
+    """Collects the report's Markdown and writes its figures into ``run_dir/report``.
+
+    Args:
+        run_dir: The pipeline's run directory.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run = Path(run_dir)
+        self.fig_dir = self.run / "report"
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        self.scalars = {s: _safe(read_scalars, self.run / s, {}) if (self.run / s).is_dir() else {} for s in STAGES}
+        self.eval = _safe(read_json, self.run / "eval" / "eval.json", None)
+
+    def image(self, path: Path, alt: str) -> str:
+        """Markdown for a figure in ``report/`` (copied there when it lives elsewhere in the run)."""
+        if path.parent != self.fig_dir:
+            target = self.fig_dir / f"{path.parent.name}_{path.name}"
+            shutil.copyfile(path, target)
+            path = target
+        return f"![{alt}]({path.relative_to(self.run).as_posix()})"
+
+    def summary(self) -> list[str]:
+        """'How the run went': one line per stage with its key numbers, then the Elo table."""
+        sl = read_json(self.run / "sl_data" / "summary.json")
+        lab = read_json(self.run / "label" / "summary.json")
+        base = (read_json(self.run / "pipeline_summary.json") or {}).get("models", {}).get("base")
+        base = base or ("base_model/" if (self.run / "base_model" / "config.json").exists() else None)
+        sft, pm, ppo = (self.scalars[s] for s in STAGES)
+        results = {
+            "base model": base and f"`{base}`",
+            "SL-CAI data": sl
+            and f"{sl['records']} records, {sl['rounds']} rounds, {sl.get('empty_revisions', 0)} empty revisions",
+            "SFT": sft and finals(sft, "loss/train", "val/loss"),
+            "AI labels": lab
+            and f"{lab['pairs']} pairs, mean p_chosen {fmt(lab['mean_p_chosen'])}, "
+            f"{lab['cot_fallbacks']} chain-of-thought fallbacks",
+            "preference model": pm and finals(pm, "val/loss", "val/accuracy"),
+            "PPO": ppo and finals(ppo, "objective/scores", "objective/kl"),
+            "evaluation": self.eval and ", ".join(self.eval["labels"]) + " compared",
+        }
+        lines = ["| stage | status | result |", "|---|---|---|"]
+        lines += [f"| {k} | {'done' if v else 'not run'} | {cell(v) if v else ''} |" for k, v in results.items()]
+        if self.eval:
+            lines += ["", elo_table(self.eval)]
+        return lines
+
+    def curves(self) -> list[str]:
+        """Training curves of every stage from its TensorBoard logs."""
+        lines: list[str] = []
+        for stage, title in STAGES.items():
+            lines += [f"### {title}", ""]
+            scalars = self.scalars[stage]
+            if not scalars:
+                lines += [f"Not run: no TensorBoard scalars under `{stage}/`.", ""]
+                continue
+            path = plot_curves(scalars, title, self.fig_dir / f"{stage}_curves.png")
+            finals = ", ".join(f"{t} {fmt(last(scalars, t))}" for t in KNOWN_TAGS if t in scalars)
+            lines += [self.image(path, f"{title} curves"), "", f"Final values: {finals or '-'}.", ""]
+        return lines
+
+    def labels(self) -> list[str]:
+        """The AI labels' distribution and, when measured, the feedback model's calibration."""
+        lines: list[str] = []
+        records = read_jsonl(self.run / "label" / "records.jsonl")
+        if records:
+            path = plot_label_histogram(records, self.fig_dir / "label_histogram.png")
+            lines += [self.image(path, "AI label histogram"), ""]
+            lines += [
+                "Labels near 0.5 mean the feedback model could not tell the two responses apart (chain-of-thought "
+                "labels are also clamped to [0.4, 0.6]); confident labels sit near 0 and 1.",
+                "",
+            ]
+        else:
+            lines += ["Not run: no `label/records.jsonl`.", ""]
+        found = False
+        for folder in ("eval_feedback", "eval/hhh"):
+            metrics = read_json(self.run / folder / "metrics.json")
+            if metrics is None:
+                continue
+            found = True
+            lines += [
+                f"Feedback model on `{Path(metrics['evals']).name}` ({metrics['examples']} rows): accuracy "
+                f"{fmt(metrics['accuracy'])} (chance {fmt(metrics['chance_accuracy'])}), expected calibration "
+                f"error {fmt(metrics['expected_calibration_error'])}.",
+                "",
+            ]
+            if (self.run / folder / "reliability.png").exists():
+                lines += [self.image(self.run / folder / "reliability.png", "reliability diagram"), ""]
+        if not found:
+            lines += ["Calibration not measured: no `eval_feedback/metrics.json` or `eval/hhh/metrics.json`.", ""]
+        return lines
+
+    def evaluation(self) -> list[str]:
+        """Win rates, Elo and preference-model scores from ``eval/eval.json``."""
+        if self.eval is None:
+            return ["Not run: no `eval/eval.json`.", ""]
+        lines: list[str] = []
+        if (self.run / "eval" / "winrates.png").exists():
+            lines += [self.image(self.run / "eval" / "winrates.png", "win rates and Elo"), ""]
+        labels = self.eval["labels"]
+        for name, s in self.eval["sets"].items():
+            lines += [
+                f"### {s['axis'].capitalize()} ({name}, {s['prompts']} prompts)",
+                "",
+                f"Principle: *{cell(s['principle']['text'])}*",
+                "",
+                f"Position bias, the mean probability of picking option (A): {fmt(s['position_bias'])} (0.5: none; "
+                "each pair is judged in both orders and averaged).",
+                "",
+                "| P(row better than column) (hard win rate) | " + " | ".join(labels) + " | PM score |",
+                "|---|" + "---|" * (len(labels) + 1),
+            ]
+            for a in labels:
+                rates = [
+                    f"{fmt(s['win_rate'][a][b], 2)} ({fmt(s['hard_win_rate'][a][b], 2)})" if a != b else "-"
+                    for b in labels
+                ]
+                pm = s["pm_scores"][a] if s["pm_scores"] else None
+                lines.append(f"| {a} | " + " | ".join(rates) + f" | {fmt(pm and pm['mean'])} |")
+            lines.append("")
+        return lines
+
+    def samples(self) -> list[str]:
+        """A few red-team prompts through SL-CAI (initial, critiques, revisions) and, where evaluated, RL-CAI."""
+        lines: list[str] = []
+        records = [r for r in read_jsonl(self.run / "sl_data" / "records.jsonl") if r.get("kind") == "red_team"]
+        responses = read_jsonl(self.run / "eval" / "responses.jsonl")
+        if not records:
+            lines += ["SL-CAI samples: not run (no red-team records in `sl_data/records.jsonl`).", ""]
+        rl = {r["id"]: r["response"] for r in responses if r["label"] == "rl-cai"}
+        records.sort(key=lambda r: r["id"] not in rl)  # prompts with an RL-CAI response first
+        for r in records[:NUM_SAMPLES]:
+            rounds = "<br><br>".join(
+                f"**{k + 1}. {x['principle_id']}:** {cell(x['critique'], 300)}" for k, x in enumerate(r["rounds"])
+            )
+            revisions = "<br><br>".join(f"**{k + 1}.** {cell(x['revision'], 300)}" for k, x in enumerate(r["rounds"]))
+            head = "| initial response | critiques | revisions | final revision (SFT target) | RL-CAI response |"
+            rl_text = cell(rl[r["id"]]) if r["id"] in rl else "*(not evaluated on this prompt)*"
+            lines += [
+                f"**Prompt `{r['id']}`:** {cell(r['prompt'])}",
+                "",
+                head,
+                "|---|---|---|---|---|",
+                f"| {cell(r['initial_response'])} | {rounds or '-'} | {revisions or '-'} | "
+                f"{cell(r['final_response'])} | {rl_text} |",
+                "",
+            ]
+        if responses:
+            lines += self._eval_samples(responses)
+        return lines
+
+    def _eval_samples(self, responses: list[dict]) -> list[str]:
+        labels = list(dict.fromkeys(r["label"] for r in responses))
+        by_prompt: dict[tuple, dict] = {}
+        for r in responses:
+            by_prompt.setdefault((r["set"], r["id"], r["prompt"]), {})[r["label"]] = r["response"]
+        lines = [
+            "### Held-out prompts, every evaluated model",
+            "",
+            "| prompt | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for (kind, _, prompt), answers in list(by_prompt.items())[: 2 * NUM_SAMPLES]:
+            lines.append(f"| ({kind}) {cell(prompt)} | " + " | ".join(cell(answers.get(m)) for m in labels) + " |")
+        return lines + [""]
+
+    def configs(self) -> list[str]:
+        """The pipeline's config and every stage's saved LightningCLI config, collapsed."""
+        lines: list[str] = []
+        files = [self.run / "pipeline.yaml"] if (self.run / "pipeline.yaml").exists() else []
+        for stage in (*STAGES, "eval"):
+            if (self.run / stage).is_dir():
+                files += sorted(p for p in (self.run / stage).rglob("config.yaml") if "hf" not in p.parts)
+        if not files:
+            return ["No config found (no `pipeline.yaml`, no stage `config.yaml`).", ""]
+        for f in files:
+            lines += details(f"<code>{f.relative_to(self.run)}</code>", "yaml", f.read_text(encoding="utf-8"))
+        if self.eval:
+            lines += details("evaluation settings", "json", json.dumps(self.eval.get("settings", {}), indent=2))
+        return lines
+
+
+def details(summary: str, lang: str, text: str) -> list[str]:
+    """A collapsed ``<details>`` block holding ``text`` as a fenced code block."""
+    body = text.rstrip().replace("```", "ʼʼʼ")  # a fence inside the text would end the block
+    return [f"<details><summary>{summary}</summary>", "", f"```{lang}", body, "```", "", "</details>", ""]
+
+
+def elo_table(results: dict) -> str:
+    """Elo per model and axis (± bootstrap std) from an ``eval.json``."""
+    sets = list(results["sets"].values())
+    lines = ["| model | " + " | ".join(f"Elo {s['axis']}" for s in sets) + " |", "|---|" + "---|" * len(sets)]
+    for m in results["labels"]:
+        elo = [f"{round(s['elo'][m])} ± {round(s['elo_std'][m])}" for s in sets]
+        lines.append(f"| {m} | " + " | ".join(elo) + " |")
+    return "\n".join(lines) + f"\n\nElo relative to {results['labels'][0]} (0); +200 Elo is a 76% win rate."
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.md`` (figures in ``run_dir/report/``) and return its path.
+
+    A section whose inputs cannot be read is replaced by a one-line note naming the error, so one bad file never
+    costs the whole report.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"report: {run}: no such run directory")
+    rep = Report(run)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    lines = [f"# Constitutional AI run report: `{run.name}`", "", f"Run directory `{run}`, report written {stamp}.", ""]
+    sections = (rep.summary, rep.curves, rep.labels, rep.evaluation, rep.samples, rep.configs)
+    for section in sections:
+        title = SECTION_TITLES[section.__name__]
+        lines += [f"## {title}", ""]
+        try:
+            lines += section()
+        except Exception as e:  # a damaged file must not cost the rest of the report
+            print(f"report: section {title!r} failed: {e!r}", file=sys.stderr)
+            lines += [f"Could not be built: `{type(e).__name__}: {e}`.", ""]
+        lines.append("")
+    path = run / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def main(run_dir: str = "runs/demo") -> str:
+    """Write a Markdown report of a pipeline run: curves, labels, calibration, win rates, samples and configs.
+
+    Args:
+        run_dir: The run directory of ``cai pipeline`` (or one laid out like it).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    path = write_report(run_dir)
+    print(f"report: wrote {path} (figures in {path.parent / 'report'})")
+    return str(path)

@@ -1,0 +1,181 @@
+import json
+import math
+
+import pytest
+
+import cai.evaluate as evaluate
+from cai.constitution import load_constitution
+from cai.elo import ELO_SCALE, bootstrap_elo, fit_elo, win_probability, win_rates
+from cai.generation import SamplingConfig
+from models import ModelConfig, load_tokenizer
+from models.heads import PreferenceModel
+from models.tiny import TinyModelConfig, make_tiny_model
+
+
+def test_equal_models_get_equal_elo():
+    elo = fit_elo(2, [(0, 1, 0.5)] * 5)
+    assert elo == pytest.approx([0.0, 0.0], abs=1e-6)
+    # Symmetric outcomes cancel whichever way round they are written.
+    assert fit_elo(2, [(0, 1, 0.7), (1, 0, 0.7)]) == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def test_76_percent_win_is_200_elo():
+    elo = fit_elo(2, [(0, 1, 0.76)])
+    assert elo[0] == 0.0  # the first model is the anchor
+    assert elo[0] - elo[1] == pytest.approx(200, abs=1)
+    assert elo[0] - elo[1] == pytest.approx(ELO_SCALE * math.log(0.76 / 0.24), abs=0.1)
+    assert win_probability(200, 0) == pytest.approx(0.76, abs=0.001)
+    assert fit_elo(2, [(0, 1, 0.76)], anchor=1) == pytest.approx([200.2, 0.0], abs=0.5)
+
+
+def test_three_models_transitive_and_recovered():
+    true = [0.0, -100.0, -250.0]
+    comps = [(i, j, win_probability(true[i], true[j])) for i in range(3) for j in range(3) if i < j]
+    elo = fit_elo(3, comps * 4)
+    assert elo[0] > elo[1] > elo[2]
+    assert elo == pytest.approx(true, abs=1.0)
+
+
+def test_a_model_that_always_wins_stays_finite():
+    elo = fit_elo(3, [(0, 1, 1.0), (1, 2, 1.0), (0, 2, 1.0)] * 3)
+    assert all(math.isfinite(x) for x in elo) and elo[0] > elo[1] > elo[2]
+
+
+def test_fit_elo_rejects_bad_input():
+    with pytest.raises(ValueError):
+        fit_elo(2, [(0, 0, 0.5)])
+    with pytest.raises(ValueError):
+        fit_elo(2, [(0, 1, 1.5)])
+
+
+def test_win_rates_are_complementary():
+    soft, hard = win_rates(3, [(0, 1, 0.8), (0, 1, 0.4), (2, 1, 0.5)])
+    assert soft[0][1] == pytest.approx(0.6) and soft[1][0] == pytest.approx(0.4)
+    assert hard[0][1] == 0.5 and hard[1][0] == 0.5
+    assert hard[2][1] == hard[1][2] == 0.5  # a tie counts half
+    assert soft[0][2] is None and soft[0][0] is None
+
+
+def test_bootstrap_spread():
+    same = [[(0, 1, 0.7)]] * 6
+    assert bootstrap_elo(2, same, 30) == pytest.approx([0.0, 0.0], abs=1e-6)
+    mixed = [[(0, 1, 0.9)], [(0, 1, 0.2)]] * 3
+    assert bootstrap_elo(2, mixed, 30)[1] > 10
+
+
+def test_principles_by_id_text_or_default():
+    const = load_constitution("default")
+    assert evaluate.resolve_principle(const, "harm-general", "x", "harmlessness").id == "harm-general"
+    assert evaluate.resolve_principle(const, None, "default text", "helpfulness").text == "default text"
+    custom = evaluate.resolve_principle(const, "Which response is kinder?", "x", "helpfulness")
+    assert custom.text == "Which response is kinder?" and custom.id == "eval-helpfulness"
+
+
+def test_held_out_prompts_are_the_last_unseen_ones(tmp_path):
+    assert [r["id"] for r in evaluate.held_out_prompts("red_team", 3)] == ["rt-069", "rt-070", "rt-071"]
+    last = evaluate.held_out_prompts("red_team", 1)[0]
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"id": "x", "prompt": last["prompt"] + "  "}) + "\n")
+    seen = evaluate.seen_prompts([str(records)])
+    assert [r["id"] for r in evaluate.held_out_prompts("red_team", 3, seen)] == ["rt-068", "rt-069", "rt-070"]
+    with pytest.raises(FileNotFoundError):
+        evaluate.seen_prompts([str(tmp_path / "missing.jsonl")])
+
+
+@pytest.fixture(scope="module")
+def eval_models(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_models")
+    other = make_tiny_model(root / "other", TinyModelConfig(seed=1))
+    pm_dir = root / "pm"
+    PreferenceModel.from_pretrained(ModelConfig(str(tiny_model_dir))).save_pretrained(pm_dir)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(pm_dir)
+    return {"base": str(tiny_model_dir), "rl-cai": str(other)}, str(pm_dir)
+
+
+def eval_run(models, pm, out, **kw):
+    return evaluate.run(
+        models=models,
+        preference_model=pm,
+        num_prompts=4,
+        sampling=SamplingConfig(max_new_tokens=6, batch_size=8),
+        feedback_num_few_shot=0,  # short queries keep the test fast
+        bootstrap=20,
+        out=str(out),
+        device="cpu",
+        **kw,
+    )
+
+
+def test_eval_end_to_end(eval_models, tmp_path, monkeypatch):
+    models, pm = eval_models
+    res = eval_run(models, pm, tmp_path)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["labels"] == ["base", "rl-cai"] and set(saved["sets"]) == {"red_team", "helpful"}
+    assert set(saved["elo"]) == {"harmlessness", "helpfulness"}
+    for s in saved["sets"].values():
+        assert s["prompts"] == 4 and s["comparisons"] == 4
+        w = s["win_rate"]
+        assert 0 <= w["base"]["rl-cai"] <= 1 and w["base"]["rl-cai"] + w["rl-cai"]["base"] == pytest.approx(1)
+        h = s["hard_win_rate"]
+        assert h["base"]["rl-cai"] + h["rl-cai"]["base"] == pytest.approx(1)
+        assert s["elo"]["base"] == 0.0 and math.isfinite(s["elo"]["rl-cai"])
+        assert set(s["pm_scores"]) == {"base", "rl-cai"} and s["pm_scores"]["base"]["n"] == 4
+        assert s["hard_win_rate"]["base"]["rl-cai"] in (0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1)
+    assert saved["hhh"] is None and saved["settings"]["elo_anchor"] == "base"
+
+    responses = [json.loads(x) for x in open(tmp_path / "responses.jsonl")]
+    assert len(responses) == 16 and len({r["key"] for r in responses}) == 16
+    red_ids = sorted(r["id"] for r in responses if r["set"] == "red_team" and r["label"] == "base")
+    assert red_ids == ["rt-068", "rt-069", "rt-070", "rt-071"]  # the last four: held out
+    # The PM statistics are those of the preference model's rewards of the saved responses.
+    scores = evaluate.pm_scores(
+        pm, [r for r in responses if r["label"] == "base" and r["set"] == "helpful"], 4, "cpu", "float32"
+    )
+    assert saved["sets"]["helpful"]["pm_scores"]["base"]["mean"] == pytest.approx(sum(scores) / 4, abs=1e-4)
+
+    comps = [json.loads(x) for x in open(tmp_path / "comparisons.jsonl")]
+    assert len(comps) == 8
+    for c in comps:  # both orders, averaged
+        assert c["p_a"] == pytest.approx((c["p_a_first"] + c["p_a_second"]) / 2, abs=1e-5)
+    red = [c["p_a"] for c in comps if c["set"] == "red_team"]
+    assert saved["sets"]["red_team"]["win_rate"]["base"]["rl-cai"] == pytest.approx(sum(red) / 4)
+
+    png = (tmp_path / "winrates.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # Resuming generates and judges nothing again, and gives the same results.
+    def boom(*a, **k):
+        raise AssertionError("nothing should be generated or judged on resume")
+
+    monkeypatch.setattr(evaluate.Generator, "generate", boom)
+    monkeypatch.setattr(evaluate.FeedbackScorer, "score", boom)
+    again = eval_run(models, pm, tmp_path)
+    assert again["sets"]["red_team"]["win_rate"] == res["sets"]["red_team"]["win_rate"]
+    # A different model under a label already evaluated is refused rather than mixed in.
+    with pytest.raises(ValueError, match="base"):
+        eval_run({"base": models["rl-cai"], "rl-cai": models["base"]}, pm, tmp_path)
+
+
+def test_eval_reports_hhh_accuracy(eval_models, tmp_path, shared_cai):
+    models, _ = eval_models
+    hhh = shared_cai / "evals" / "438HHHEvaluations.jsonl"
+    res = evaluate.run(
+        models={"base": models["base"]},
+        helpful=None,
+        num_prompts=2,
+        sampling=SamplingConfig(max_new_tokens=4),
+        hhh_evals=str(hhh),
+        hhh_max_examples=6,
+        bootstrap=0,
+        out=str(tmp_path),
+        device="cpu",
+    )
+    assert res["hhh"]["examples"] == 6 and 0 <= res["hhh"]["accuracy"] <= 1
+    assert res["sets"]["red_team"]["pm_scores"] is None and res["sets"]["red_team"]["comparisons"] == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["hhh"]["accuracy"] == res["hhh"]["accuracy"]
+    assert (tmp_path / "hhh" / "reliability.png").stat().st_size > 5_000
+
+
+def test_eval_needs_models():
+    with pytest.raises(ValueError, match="models"):
+        evaluate.run(models=None)
