@@ -175,3 +175,34 @@ def test_ppo_bf16(tiny_model_dir, tmp_path, precision):
     assert all(torch.isfinite(torch.tensor(scalars(tmp_path, tag))).all() for tag in ("loss/policy", "objective/kl"))
     if precision == "bf16-true":
         assert next(cli.model.frozen["ref"].parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_ppo_ddp_two_cpu_processes_with_early_stop(tiny_model_dir, tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
+    }
+    args = ppo_args(
+        tiny_model_dir,
+        tmp_path,
+        3,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--model.ppo.target_kl",
+        "0.0",
+        "--model.ppo.ppo_epochs",
+        "4",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "ppo", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    # target_kl 0: every rollout stops after its first epoch, on both ranks alike (else DDP would hang).
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)
+    assert ckpt["global_step"] == 3 * 1 * 2 and ckpt["ppo_state"]["rollouts_done"] == 3

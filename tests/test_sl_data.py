@@ -144,3 +144,21 @@ def test_empty_and_overlong_prompts_are_counted(tiny_model_dir, tmp_path):
     )
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["skipped_empty"], summary["skipped_too_long"], summary["records"]) == (1, 1, 2)
+
+
+def test_hold_out_last_keeps_evaluation_prompts_out(tiny_model_dir):
+    from cai.sl_data import load_prompt_mix
+    from data.prompt_data import PromptDataModule
+    from data.prompts import load_prompts
+
+    last_red = set(load_prompts("red_team")["id"][-5:])
+    last_helpful = set(load_prompts("helpful")["id"][-5:])
+    rows, _ = load_prompt_mix(PromptSources(hold_out_last=5, helpful_ratio=0.5))
+    ids = {r["id"] for r in rows}
+    assert not ids & (last_red | last_helpful) and len(ids) > 100
+    dm = PromptDataModule(prompts="red_team", tokenizer=str(tiny_model_dir), hold_out_last=5, max_prompt_tokens=10_000)
+    dm.setup("fit")
+    assert not set(dm.train_set["id"]) & last_red and len(dm.train_set) == 72 - 5
+    small = PromptDataModule(prompts="red_team", tokenizer=str(tiny_model_dir), max_prompt_tokens=40)
+    small.setup("fit")
+    assert small.skipped_too_long > 0 and len(small.train_set) + small.skipped_too_long == 72
