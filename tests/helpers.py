@@ -59,3 +59,9 @@ def kill_after_lines(cmd, path, n_lines, timeout=120):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return proc.returncode, path.read_text().count("\n") if path.exists() else 0
+
+
+def clean_env() -> dict:
+    """The environment without torch.distributed variables, for launching a multi-process run from pytest."""
+    drop = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
+    return {k: v for k, v in os.environ.items() if k not in drop}

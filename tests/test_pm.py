@@ -170,3 +170,23 @@ def test_hard_labels_apply_to_training_rows_only(tiny_model_dir, tmp_path):
     dm.setup("fit")
     assert set(dm.train_set["p_chosen"]) == {1.0} and set(dm.val_set["p_chosen"]) == {0.7}
     assert len(dm.val_set) == 10
+
+
+@pytest.mark.slow
+def test_pm_fsdp2_two_cpu_processes(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import clean_env
+
+    train = synthetic_pairs(tmp_path / "train.jsonl", 64, 0, lambda r: 0.8)
+    val = synthetic_pairs(tmp_path / "val.jsonl", 16, 1, lambda r: 0.8)
+    args = pm_args(tiny_model_dir, train, val, tmp_path, 4, "--config", "configs/strategies/fsdp2_cpu.yaml")
+    res = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "pm", *args], env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    start = PreferenceModel.from_pretrained(ModelConfig(str(tiny_model_dir)))
+    assert hf.score.weight.shape == start.score.weight.shape  # gathered, not a shard
+    assert hf.model.embed_tokens.weight.shape == start.backbone.embed_tokens.weight.shape

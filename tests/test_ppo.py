@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from cai.pm import PreferenceModule  # noqa: F401  (imported so the module is importable in CI)
 from cai.ppo import cli_main
-from helpers import scalars
+from helpers import clean_env, scalars
 from models import ModelConfig
 from models.heads import PreferenceModel
 
@@ -142,11 +141,7 @@ def test_ppo_lora_uses_base_as_reference(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ppo_fsdp2_two_cpu_processes(tiny_model_dir, pm_dir, tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
-    }
+    env = clean_env()
     args = ppo_args(
         tiny_model_dir,
         tmp_path,
@@ -179,11 +174,7 @@ def test_ppo_bf16(tiny_model_dir, tmp_path, precision):
 
 @pytest.mark.slow
 def test_ppo_ddp_two_cpu_processes_with_early_stop(tiny_model_dir, tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
-    }
+    env = clean_env()
     args = ppo_args(
         tiny_model_dir,
         tmp_path,
@@ -206,3 +197,25 @@ def test_ppo_ddp_two_cpu_processes_with_early_stop(tiny_model_dir, tmp_path):
     # target_kl 0: every rollout stops after its first epoch, on both ranks alike (else DDP would hang).
     ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)
     assert ckpt["global_step"] == 3 * 1 * 2 and ckpt["ppo_state"]["rollouts_done"] == 3
+
+
+def test_ppo_separate_critic_and_gradient_checkpointing(tiny_model_dir, pm_dir, tmp_path):
+    cli = cli_main(
+        ppo_args(
+            tiny_model_dir,
+            tmp_path,
+            2,
+            "--model.critic.name_or_path",
+            str(pm_dir),
+            "--model.gradient_checkpointing",
+            "true",
+        )
+    )
+    module = cli.model
+    assert module.hf_model.is_gradient_checkpointing
+    opt_params = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in opt_params for p in module.model.critic.parameters())  # the critic is trained
+    critic_start = PreferenceModel.from_pretrained(ModelConfig(str(pm_dir))).backbone.state_dict()
+    critic_now = module.model.critic.backbone.state_dict()
+    assert any(not torch.equal(critic_start[k], critic_now[k].cpu()) for k in critic_start)
+    assert len(scalars(tmp_path, "loss/value")) == 2

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from cai.sft import cli_main
 from data.sft import IGNORE_INDEX, SFTCollator, tokenize_example
-from helpers import base_args, scalars
+from helpers import base_args, clean_env, scalars
 from losses import sft_loss
 from models import load_tokenizer
 
@@ -94,11 +93,7 @@ def test_sft_bf16(tiny_model_dir, sft_file, tmp_path, precision):
 
 @pytest.mark.slow
 def test_sft_fsdp2_two_cpu_processes(tiny_model_dir, sft_file, tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
-    }
+    env = clean_env()
     args = base_args(tiny_model_dir, sft_file, tmp_path, 6) + ["--config", "configs/strategies/fsdp2_cpu.yaml"]
     res = subprocess.run(
         [sys.executable, "-m", "cai.cli", "sft", *args], env=env, capture_output=True, text=True, timeout=300
