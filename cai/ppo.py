@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from cai.training import HFModule, OptimConfig, lr_lambda, run_cli
+from cai.training import HFModule, OptimConfig, lr_lambda, make_adamw, run_cli
 from data.preference import transcript
 from data.prompt_data import PromptDataModule, transcript_prompt
 from losses import (
@@ -199,7 +199,7 @@ class PPOModule(HFModule):
     def configure_optimizers(self):
         c, o = self.cfg, self.optim_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        opt = make_adamw(params, o, self.trainer)
         total = c.total_rollouts * c.ppo_epochs * c.num_minibatches
         return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o, total))]
 

@@ -38,28 +38,34 @@ class SFTModule(HFModule):
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (B, T, V) of a padded or packed batch."""
-        return self.model(
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, K, V) at the positions that predict a labelled token, and their targets (B, K).
+
+        Only positions whose next token is a target need logits: the LM head (often the largest matrix product of a
+        small model) and the (B, T, V) logits tensor shrink to the K positions that any row of the batch needs.
+        """
+        labels = batch["labels"]  # (B, T)
+        wanted = (labels[:, 1:] != IGNORE_INDEX).any(0)  # (T-1,) position t predicts token t + 1
+        keep = wanted.nonzero().squeeze(1)  # (K,)
+        logits = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             use_cache=False,
-        ).logits
+            logits_to_keep=keep,
+        ).logits  # (B, K, V)
+        return logits, labels[:, keep + 1]  # (B, K, V), (B, K): targets aligned with their logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch)  # (B, T, V)
-        loss = sft_loss(logits, batch["labels"])
-        n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
+        logits, targets = self(batch)  # (B, K, V), (B, K)
+        loss = sft_loss(logits, targets, aligned=True)
         self.log("loss/train", loss, prog_bar=True)
-        self.log("train/response_tokens", n_tokens.float(), reduce_fx="sum")
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch)  # (B, T, V)
-        labels = batch["labels"]  # (B, T)
-        self.val_loss.update(sft_loss(logits, labels), weight=(labels[:, 1:] != IGNORE_INDEX).sum())
-        self.val_ppl.update(logits[:, :-1].float(), labels[:, 1:])  # position t predicts token t + 1
+        logits, targets = self(batch)  # (B, K, V), (B, K)
+        self.val_loss.update(sft_loss(logits, targets, aligned=True), weight=(targets != IGNORE_INDEX).sum())
+        self.val_ppl.update(logits.float(), targets)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/perplexity", self.val_ppl)
 

@@ -13,7 +13,7 @@ __all__ = ["sft_loss", "sft_loss_sum"]
 
 
 def sft_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, aligned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token negative log-likelihood and the number of tokens it counts.
 
@@ -29,12 +29,14 @@ def sft_loss_sum(
         logits: ``(B, T, V)`` next-token logits, any float dtype; upcast to float32.
         labels: ``(B, T)`` target token ids aligned with the inputs, ``ignore_index`` where not trained on.
         ignore_index: label value that is not counted.
+        aligned: ``labels[:, t]`` is already the target of ``logits[:, t]`` (no shift), e.g. when logits were
+            computed only at the positions that predict a target.
 
     Returns:
         ``(loss_sum, count)``: float32 scalar sum of the per-token losses and int64 scalar count of counted tokens.
     """
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V) prediction for position t+1 made at t
-    shift_labels = labels[:, 1:]  # (B, T-1)
+    shift_logits = (logits if aligned else logits[:, :-1, :]).float()  # (B, T-1, V) prediction for t+1 made at t
+    shift_labels = labels if aligned else labels[:, 1:]  # (B, T-1)
     vocab = shift_logits.shape[-1]
     loss_sum = F.cross_entropy(
         shift_logits.reshape(-1, vocab), shift_labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
@@ -43,7 +45,9 @@ def sft_loss_sum(
     return loss_sum, count
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def sft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, aligned: bool = False
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the counted (non-ignored) tokens of the batch.
 
     Formula: ``L = (1 / N) sum_{b,t : y_{b,t+1} != ignore} -log p_theta(y_{b,t+1} | y_{b,<=t})`` with ``N`` the
@@ -57,9 +61,10 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
         logits: ``(B, T, V)`` next-token logits, any float dtype; computed in float32.
         labels: ``(B, T)`` target ids aligned with the inputs (shifted inside), ``ignore_index`` on prompt/padding.
         ignore_index: label value that is not counted.
+        aligned: targets already aligned with the logits (see ``sft_loss_sum``).
 
     Returns:
         Float32 scalar loss.
     """
-    loss_sum, count = sft_loss_sum(logits, labels, ignore_index=ignore_index)  # (), ()
+    loss_sum, count = sft_loss_sum(logits, labels, ignore_index=ignore_index, aligned=aligned)  # (), ()
     return loss_sum / count.clamp(min=1)

@@ -104,3 +104,23 @@ def test_sft_fsdp2_two_cpu_processes(tiny_model_dir, sft_file, tmp_path):
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert saved.lm_head.weight.shape == start.lm_head.weight.shape  # gathered, not a shard
     assert not torch.equal(saved.lm_head.weight, start.lm_head.weight)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_module_loss_on_kept_positions_equals_full_logits_loss(tiny_model_dir, tiny_tokenizer, packing):
+    from cai.sft import SFTModule
+    from models import ModelConfig
+
+    tok = load_tokenizer(tiny_tokenizer.name_or_path, padding_side="right")
+    examples = [
+        tokenize_example({"prompt": p, "completion": c}, tok, 64)
+        for p, c in [("a?", "b."), ("A longer question here?", "A longer answer."), ("q", "r s t")]
+    ]
+    batch = SFTCollator(tok.pad_token_id, packing=packing)(examples)
+    module = SFTModule(ModelConfig(str(tiny_model_dir)))
+    module.configure_model()
+    with torch.no_grad():
+        logits, targets = module(batch)
+        full = module.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    assert logits.shape[1] < full.shape[1]  # prompt positions were skipped
+    torch.testing.assert_close(sft_loss(logits, targets, aligned=True), sft_loss(full, batch["labels"]))

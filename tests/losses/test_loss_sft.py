@@ -109,3 +109,12 @@ def test_sft_loss_equals_hf_causal_lm_loss():
     with torch.no_grad():
         out = model(input_ids=input_ids, labels=labels)
     torch.testing.assert_close(sft_loss(out.logits, labels), out.loss.float(), rtol=0, atol=1e-6)
+
+
+def test_aligned_targets_equal_the_shifted_loss():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=gen)
+    labels = torch.randint(0, 11, (2, 6), generator=gen)
+    labels[0, :3] = -100
+    shifted = sft_loss(logits, labels)
+    assert torch.allclose(sft_loss(logits[:, :-1], labels[:, 1:], aligned=True), shifted)
