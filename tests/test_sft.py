@@ -124,3 +124,21 @@ def test_module_loss_on_kept_positions_equals_full_logits_loss(tiny_model_dir, t
         full = module.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     assert logits.shape[1] < full.shape[1]  # prompt positions were skipped
     torch.testing.assert_close(sft_loss(logits, targets, aligned=True), sft_loss(full, batch["labels"]))
+
+
+@pytest.mark.slow
+def test_sft_ddp_two_cpu_processes(tiny_model_dir, sft_file, tmp_path):
+    args = base_args(tiny_model_dir, sft_file, tmp_path, 4) + [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "sft", *args], env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)["global_step"] == 4
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.model_type == "llama"
