@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_vs_trl.py"
@@ -44,8 +45,7 @@ def parity_ok(cell: str) -> bool:
 @pytest.mark.slow
 def test_smoke_tiny_preset(tmp_path):
     pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[bench]'): nothing to compare against")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK")}
-    env.pop("WORLD_SIZE", None)
+    env = clean_env()
     env["HF_HUB_OFFLINE"] = "1"
     out = tmp_path / "table.md"
     cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--stages", "sft,rm,ppo", "--repeats", "1"]
