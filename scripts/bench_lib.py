@@ -366,6 +366,118 @@ def run_rm_cai(spec: dict) -> dict:
     return {**timer.result(), "n_params": _n_params(module.model)}
 
 
+def build_preference_model(model_dir: Path, out: Path) -> Path:
+    """A tiny preference model for PPO: ``PreferenceModel`` started from the policy, saved with its tokenizer.
+
+    It is a standard ``AutoModelForSequenceClassification`` (one label), so TRL loads it as its reward model and, as
+    in TRL's examples, as the start of its value model.
+    """
+    from models import ModelConfig, load_tokenizer
+    from models.heads import PreferenceModel
+
+    PreferenceModel.from_pretrained(ModelConfig(str(model_dir))).save_pretrained(out)
+    load_tokenizer(str(model_dir)).save_pretrained(out)
+    return out
+
+
+def ppo_prompts(spec: dict) -> list[str]:
+    """The built-in red_team prompts in transcript form, the same list (and order) in both systems."""
+    from data.prompt_data import transcript_prompt
+    from data.prompts import load_prompts_with_stats
+
+    ds, _ = load_prompts_with_stats("red_team")
+    return [transcript_prompt(p) for p in ds["prompt"]]
+
+
+class RolloutTimer(WindowTimer):
+    """``WindowTimer`` for PPO: a step is one rollout (``batch_size`` episodes) with all its optimizer steps."""
+
+    def __init__(self, warmup: int, steps: int, batch_size: int):
+        super().__init__(warmup, steps)
+        self.batch_size = batch_size
+
+    def result(self) -> dict:
+        out = super().result()
+        return {**out, "rows": self.batch_size * self.steps}  # episodes: responses of the timed rollouts
+
+
+def run_ppo_cai(spec: dict) -> dict:
+    """One PPO run of ``cai.ppo.PPOModule`` on ``PromptDataModule`` with a ``lightning.Trainer``.
+
+    The window is timed by rollouts (``on_train_batch_end``; one training step is one rollout of ``batch_size``
+    prompts). ``spec["ppo"]["critic"]``: a separate critic started from the preference model (TRL's layout) instead
+    of the default value head on the policy.
+    """
+    _setup_worker(spec)
+    import lightning as L
+
+    from cai.ppo import PPOConfig, PPOModule
+    from data.prompt_data import PromptDataModule
+    from models import ModelConfig
+
+    p = spec["ppo"]
+    timer = RolloutTimer(p["warmup"], p["steps"], p["batch_size"])
+    pm = ModelConfig(spec["pm"], dtype="float32", attn_implementation=spec["attn"])
+    cfg = PPOConfig(
+        total_rollouts=p["warmup"] + p["steps"],
+        max_new_tokens=p["new_tokens"],
+        temperature=1.0,
+        ppo_epochs=p["epochs"],
+        num_minibatches=p["minibatches"],
+        clip_range=p["clip"],
+        vf_clip_range=p["clip"],
+        vf_coef=p["vf_coef"],
+        gamma=1.0,
+        lam=0.95,
+        kl_coef=p["kl_coef"],
+        kl_estimator="k1",
+        missing_eos_penalty=None,
+        max_grad_norm=spec["max_grad_norm"],
+    )
+    module = PPOModule(
+        _cai_model_config(spec),
+        preference_model=pm,
+        critic=pm if p.get("critic") else None,
+        ppo=cfg,
+        optim=_cai_optim({**spec, "lr": p["lr"]}),
+        hf_out=os.path.join(spec["tmp"], "hf"),
+    )
+    data = PromptDataModule(
+        prompts="red_team", tokenizer=spec["model"], batch_size=p["batch_size"], max_prompt_tokens=10**6
+    )
+    count = {"rollouts": 0}
+
+    class RolloutCallback(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            timer.attach(pl_module.model)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            count["rollouts"] += 1
+            timer.step_end(count["rollouts"])
+
+        def on_train_end(self, trainer, pl_module):
+            timer.train_end()
+
+    cuda = spec["device"] == "cuda"
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if spec["bf16"] else "32-true",
+        max_steps=-1,
+        max_epochs=1000,  # stopped by total_rollouts
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[RolloutCallback()],
+        default_root_dir=spec["tmp"],
+    )
+    trainer.fit(module, datamodule=data)
+    return {**timer.result(), "n_params": _n_params(module.model)}
+
+
 # ----------------------------------------------------------------------------- TRL
 
 
@@ -465,6 +577,83 @@ def run_rm_trl(spec: dict) -> dict:
     _setup_worker(spec)
     timer = WindowTimer(spec["warmup"], spec["steps"])
     trainer = make_trl_rm(spec, [_trl_callback(timer)])
+    timer.attach(trainer.model)
+    trainer.train()
+    return {**timer.result(), "n_params": _n_params(trainer.model)}
+
+
+def run_ppo_trl(spec: dict) -> dict:
+    """One PPO run of TRL's ``trl.experimental.ppo.PPOTrainer``, timed by updates (one update = one rollout batch).
+
+    Policy and reference from the same tiny model; reward model and value model (TRL's separate critic, started from
+    the preference model as in TRL's examples) from the saved preference model. No stop token and no missing-EOS
+    penalty, so every response is ``response_length`` tokens, as generation is in this project.
+    """
+    _setup_worker(spec)
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    p = spec["ppo"]
+    timer = RolloutTimer(p["warmup"], p["steps"], p["batch_size"])
+    tok = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ppo_prompts(spec)]
+    ds = datasets.Dataset.from_dict({"input_ids": ids})
+    load = dict(dtype=torch.float32, attn_implementation=spec["attn"])
+    args = PPOConfig(
+        output_dir=os.path.join(spec["tmp"], "trl"),
+        per_device_train_batch_size=p["batch_size"],
+        gradient_accumulation_steps=1,
+        num_mini_batches=p["minibatches"],
+        total_episodes=p["batch_size"] * (p["warmup"] + p["steps"]),
+        local_rollout_forward_batch_size=p["batch_size"],
+        response_length=p["new_tokens"],
+        num_ppo_epochs=p["epochs"],
+        temperature=1.0,
+        stop_token=None,
+        stop_token_id=None,
+        missing_eos_penalty=None,
+        kl_coef=p["kl_coef"],
+        kl_estimator="k1",
+        cliprange=p["clip"],
+        cliprange_value=p["clip"],
+        vf_coef=p["vf_coef"],
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+        num_sample_generations=0,
+        learning_rate=p["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        gradient_checkpointing=False,  # TRL's PPO default is True; this project's is False
+        bf16=spec["bf16"],
+        fp16=False,
+        use_cpu=spec["device"] != "cuda",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=spec["seed"],
+        sft_model_path=spec["model"],
+        reward_model_path=spec["pm"],
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=AutoModelForCausalLM.from_pretrained(spec["model"], **load),
+        ref_model=AutoModelForCausalLM.from_pretrained(spec["model"], **load),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(spec["pm"], num_labels=1, **load),
+        value_model=AutoModelForSequenceClassification.from_pretrained(spec["pm"], num_labels=1, **load),
+        train_dataset=ds,
+        eval_dataset=ds,  # never used: num_sample_generations=0, no evaluation
+        callbacks=[_trl_callback(timer)],
+    )
     timer.attach(trainer.model)
     trainer.train()
     return {**timer.result(), "n_params": _n_params(trainer.model)}
@@ -586,6 +775,8 @@ WORKERS = {
     "sft-trl": run_sft_trl,
     "rm-cai": run_rm_cai,
     "rm-trl": run_rm_trl,
+    "ppo-cai": run_ppo_cai,
+    "ppo-trl": run_ppo_trl,
     "parity": run_parity,
 }
 

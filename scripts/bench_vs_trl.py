@@ -7,7 +7,10 @@ clipping at 1.0), precision, attention kernel and number of CPU threads:
 * SFT: ``cai.sft.SFTModule`` + ``data.sft.SFTDataModule`` on a ``lightning.Trainer`` against ``trl.SFTTrainer``
   (prompt/completion data, loss on completions only, TRL's default ``loss_type``);
 * rm: ``cai.pm.PreferenceModule`` with hard labels against ``trl.RewardTrainer``;
-* PPO: pending until ``cai/ppo.py`` exists (against ``trl.experimental.ppo.PPOTrainer``).
+* PPO: ``cai.ppo.PPOModule`` + ``data.prompt_data.PromptDataModule`` against ``trl.experimental.ppo.PPOTrainer``
+  on the built-in red_team prompts, with a tiny preference model (started from the policy) as reward model (and as
+  TRL's value model); throughput in episodes (responses) per second over whole rollouts. Per-token rewards,
+  advantages and losses are checked against TRL's formulas in ``tests/losses/test_loss_trl_parity.py``.
 
 Every measured run is a fresh process, so that its peak memory belongs to one system. Runs of the two systems are
 interleaved, the order flipping every repeat (cai-trl, trl-cai, cai-trl, ...), and each figure is the median of
@@ -16,7 +19,7 @@ Logging, checkpointing, evaluation and progress bars are off in both systems (ea
 bookkeeping it cannot switch off: ``self.log`` calls in this project's modules, TRL's per-step metrics). A parity
 check (float32, one batch of the same rows) compares the two systems' losses in the same invocation.
 
-Adding a stage (PPO): a ``Stage`` in ``STAGES``, workers ``{name}-cai`` and ``{name}-trl`` in
+Adding a stage: a ``Stage`` in ``STAGES``, workers ``{name}-cai`` and ``{name}-trl`` in
 ``bench_lib.WORKERS`` that return ``WindowTimer.result()``, and a parity function in ``bench_lib.PARITY``.
 
     python scripts/bench_vs_trl.py --preset tiny --out bench_vs_trl.md
@@ -58,10 +61,12 @@ PRESETS = {
     # CPU: the tiny offline llama (0.1M parameters, 512-token vocabulary). Small enough for CI; even so, most of a
     # step is the model's own kernels, which are the same in both systems.
     "tiny": dict(arch="llama", overrides={}, vocab_size=None, seq_len=128, batch_size=8, steps=100, warmup=10,
-                 lr=1e-4, n_rows=256, bf16=False),
+                 lr=1e-4, n_rows=256, bf16=False,
+                 ppo=dict(batch_size=8, new_tokens=16, epochs=2, minibatches=2, warmup=2, steps=6, lr=1e-4)),
     # GPU: random Qwen2 0.5B in bf16 mixed precision.
     "0.5b": dict(arch="qwen2", overrides=QWEN2_05B, vocab_size=151936, seq_len=512, batch_size=8, steps=20, warmup=5,
-                 lr=1e-5, n_rows=256, bf16=True),
+                 lr=1e-5, n_rows=256, bf16=True,
+                 ppo=dict(batch_size=16, new_tokens=64, epochs=2, minibatches=2, warmup=2, steps=6, lr=1e-6)),
 }  # fmt: skip
 
 
@@ -81,12 +86,24 @@ class Stage:
     """Speed-up over TRL the issue asks for (with no more peak memory)."""
     pending: str | None = None
     """Why the stage is not measured yet (None when it is)."""
+    parity_note: str | None = None
+    """Parity cell of a stage without a parity check in this script (where its parity is tested instead)."""
 
 
 STAGES = [
     Stage("sft", "SFT", "tokens/s", "tokens", 1.3),
     Stage("rm", "reward model (hard labels)", "pairs/s", "pairs", 1.3),
-    Stage("ppo", "PPO", "episodes/s", "episodes", 2.0, pending="cai/ppo.py is not written yet"),
+    Stage(
+        "ppo",
+        "PPO",
+        "episodes/s",
+        "episodes",
+        2.0,
+        parity_note="formulas equal in tests/losses/test_loss_trl_parity.py (per-token KL rewards, GAE, whitening, "
+        "clipped policy and value losses); differs by design: value model (ours a value head on the policy by default, "
+        "TRL a separate value model started from the PM), ours scores the last response token (TRL the last before "
+        "padding; same here: no stop token), ours clips gradients at 1.0 (TRL's PPO never clips)",
+    ),
 ]
 
 
@@ -195,7 +212,7 @@ def build_table(stages: list[Stage], results: dict, parity: dict, spec: dict) ->
         rows.append(
             f"| {stage.label} | {stage.metric} | {fmt_num(speed_c)} | {fmt_num(speed_t)} | **{ratio:.2f}x** | "
             f"{fmt_mem(mem_c)} | {fmt_mem(mem_t)} | {mem_ratio:.2f}x | >= {stage.goal:g}x: {', '.join(met)} | "
-            f"{parity_cell(parity.get(stage.name))} |"
+            f"{parity_cell(parity.get(stage.name)) if stage.name in parity else stage.parity_note or 'not checked'} |"
         )
         if stage.name == "sft" and spec["device"] == "cuda":
             peak = spec["peak_tflops"] * 1e12
@@ -225,6 +242,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch_size", type=int, help="sequences (SFT) or pairs (rm) per step (preset default)")
     ap.add_argument("--seq_len", type=int, help="tokens per sequence (preset default)")
     ap.add_argument("--n_rows", type=int, help="rows of each synthetic data set (preset default)")
+    ap.add_argument("--ppo_steps", type=int, help="PPO: timed rollouts per run (preset default)")
+    ap.add_argument("--ppo_warmup", type=int, help="PPO: untimed rollouts before the timed ones (preset default)")
+    ap.add_argument("--ppo_batch_size", type=int, help="PPO: prompts per rollout (preset default)")
+    ap.add_argument("--ppo_new_tokens", type=int, help="PPO: response length (preset default)")
+    ap.add_argument(
+        "--ppo_critic",
+        action="store_true",
+        help="PPO: this project with a separate critic started from the preference model (TRL's layout) instead of "
+        "its default value head on the policy",
+    )
     ap.add_argument("--layers", type=int, help="decoder layers of the model (preset default), e.g. to fit a device")
     ap.add_argument(
         "--threads",
@@ -266,8 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("steps", "warmup", "batch_size", "seq_len", "n_rows"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
-    if min(preset["steps"], preset["warmup"], args.repeats) < 1:
-        sys.exit("--steps, --warmup and --repeats must be at least 1")
+    ppo = dict(preset["ppo"], clip=0.2, vf_coef=0.1, kl_coef=0.05, critic=args.ppo_critic)
+    for key in ("steps", "warmup", "batch_size", "new_tokens"):
+        if getattr(args, f"ppo_{key}") is not None:
+            ppo[key] = getattr(args, f"ppo_{key}")
+    if ppo["batch_size"] % ppo["minibatches"]:
+        sys.exit(f"--ppo_batch_size must be a multiple of {ppo['minibatches']} (minibatches)")
+    if min(preset["steps"], preset["warmup"], ppo["steps"], ppo["warmup"], args.repeats) < 1:
+        sys.exit("--steps, --warmup, --ppo_steps, --ppo_warmup and --repeats must be at least 1")
 
     import torch
 
@@ -282,10 +315,13 @@ def main(argv: list[str] | None = None) -> None:
         model = bench_lib.build_model(tmp / "model", preset["arch"], preset["overrides"], preset["vocab_size"])
         n_params = bench_lib.count_parameters(model)
         data = bench_lib.write_data(model, tmp / "data", preset["n_rows"], preset["seq_len"])
+        pm = bench_lib.build_preference_model(model, tmp / "pm") if "ppo" in names else None
         spec = {
             **{k: preset[k] for k in ("seq_len", "batch_size", "steps", "warmup", "lr")},
             "model": str(model),
             "data": data,
+            "pm": str(pm) if pm else None,
+            "ppo": ppo,
             "tmp": str(tmp / "work"),
             "device": device,
             "bf16": preset["bf16"] and device == "cuda",
@@ -306,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{'bf16-mixed' if spec['bf16'] else 'fp32'}, {spec['warmup']} warm-up + {spec['steps']} timed steps, "
             f"{args.repeats} runs per system"
         )
+        if "ppo" in names:
+            header += (
+                f"; PPO: {ppo['batch_size']} prompts per rollout, {ppo['new_tokens']} new tokens, {ppo['epochs']} "
+                f"epochs x {ppo['minibatches']} minibatches, {ppo['warmup']} warm-up + {ppo['steps']} timed rollouts, "
+                f"lr {ppo['lr']:g}, this project with "
+                + ("a separate critic from the PM" if ppo["critic"] else "a value head on the policy")
+            )
         print(f"{header}; set-up {time.perf_counter() - t0:.1f}s; work dir {tmp}", flush=True)
         results: dict = {}
         discarded = 0
