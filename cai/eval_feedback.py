@@ -17,7 +17,7 @@ import torch
 from torchmetrics.classification import BinaryCalibrationError
 
 from data.sft import load_any_dataset
-from models import ModelConfig, load_model, load_tokenizer
+from models import ModelConfig, load_model, load_tokenizer, resolve_device
 from models.logprobs import continuation_logprobs
 
 
@@ -121,7 +121,7 @@ def run(
     if not Path(evals).exists():
         raise FileNotFoundError(f"eval-feedback: {evals}: no such file")
     rows = read_evals(evals, max_examples)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = resolve_device(device)
     net = load_model(model).to(dev).eval()
     tok = load_tokenizer(model.tokenizer or model.name_or_path)
     limit = getattr(net.config, "max_position_embeddings", None)

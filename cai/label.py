@@ -24,7 +24,7 @@ from cai.feedback import FeedbackConfig, FeedbackScorer
 from cai.generation import Generator, SamplingConfig
 from cai.sl_data import PromptSources, load_prompt_mix
 from data.jsonl import ResumableJsonl
-from models import ModelConfig, load_model, load_tokenizer
+from models import ModelConfig, load_model, load_tokenizer, resolve_device
 
 
 def aggregate(p_by_model: list[float], how: str) -> float:
@@ -81,8 +81,6 @@ def run(
         seed: Seed of the principle sampling (per prompt, so a resumed run samples the same principles).
         device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     """
-    import torch
-
     if policy is None:
         raise ValueError("label: policy.name_or_path is required (the SL-CAI model)")
     prompts = prompts or PromptSources(helpful=None)
@@ -96,7 +94,7 @@ def run(
     todo = [r for r in rows if r["id"] not in store.done]
     print(f"label: {len(rows)} prompts, {len(rows) - len(todo)} already done, {len(todo)} to go -> {out_dir}")
     if todo:
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dev = resolve_device(device)
         tok = load_tokenizer(policy.tokenizer or policy.name_or_path, padding_side="left")
         policy_model = load_model(policy).to(dev)
         gen = Generator(policy_model, tok, replace(sampling, num_samples=2))

@@ -253,8 +253,7 @@ class PPOModule(HFModule):
         if "pm" not in self.frozen:
             return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32, device=self.device)
         texts = [transcript(p, r) for p, r in zip(prompts, responses)]
-        enc = self.pm_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        return self.frozen["pm"](enc["input_ids"], enc["attention_mask"])
+        return self.frozen["pm"].score_texts(self.pm_tokenizer, texts, batch_size=len(texts))  # one forward pass
 
     # ----------------------------------------------------------------------------------------- training step
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:

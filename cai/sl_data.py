@@ -31,7 +31,7 @@ from cai.constitution import Constitution, frame_critique_request, frame_revisio
 from cai.generation import Generator, SamplingConfig
 from data.jsonl import ResumableJsonl
 from data.prompts import load_prompts_with_stats, mix_prompts
-from models import ModelConfig, load_model, load_tokenizer
+from models import ModelConfig, load_model, load_tokenizer, resolve_device
 
 STOP = ["\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:", "\n\nCritique:", "\n\nRevision:"]
 # Extra wording of the critique styles the seed recipe names. "plain" uses the principle's request as written.
@@ -230,8 +230,6 @@ def run(
         chunk_size: Prompts per chunk; a chunk's records are written together when it finishes.
         device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     """
-    import torch
-
     if model is None:
         raise ValueError("sl-data: model.name_or_path is required (a model directory or hub id)")
     prompts, critique, sampling = prompts or PromptSources(), critique or CritiqueConfig(), sampling or SamplingConfig()
@@ -243,7 +241,7 @@ def run(
     print(f"sl-data: {len(rows)} prompts, {len(rows) - len(todo)} already done, {len(todo)} to go -> {out_dir}")
     stats = {"empty_revisions": 0}
     if todo:
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dev = resolve_device(device)
         tok = load_tokenizer(model.tokenizer or model.name_or_path, padding_side="left")
         gen = Generator(load_model(model).to(dev), tok, sampling)
         start = time.time()

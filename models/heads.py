@@ -57,6 +57,25 @@ class PreferenceModel(nn.Module):
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
         return self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()  # (B,)
 
+    @torch.no_grad()
+    def score_texts(self, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+        """Rewards (N,) of whole texts; a text longer than the model's context keeps its end, where the reward is read.
+
+        Args:
+            tokenizer: The preference model's tokenizer.
+            texts: Transcripts in the form the model was trained on (``data.preference.transcript``).
+            batch_size: Texts per forward pass.
+        """
+        device = next(self.parameters()).device
+        limit = getattr(self.config, "max_position_embeddings", None) or 10**9
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        scores = []
+        for s in range(0, len(ids), batch_size):
+            rows = [x[-limit:] for x in ids[s : s + batch_size]]
+            enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(device)
+            scores.append(self(enc["input_ids"], enc["attention_mask"]))
+        return torch.cat(scores) if scores else torch.zeros(0, device=device)
+
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig) -> PreferenceModel:
         """Load a saved preference model (``ForSequenceClassification`` format) or start one from a causal LM."""

@@ -62,6 +62,13 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
     return requested
 
 
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; any other value passes through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def resolve_dtype(name: str) -> torch.dtype | str:
     """Map a dtype name from a config file to a ``torch.dtype`` (``auto`` passes through)."""
     if name == "auto":

@@ -562,24 +562,24 @@ def make_trl_rm(spec: dict, callbacks=()):
     )
 
 
-def run_sft_trl(spec: dict) -> dict:
-    """One SFT run of TRL's ``SFTTrainer``."""
+def _run_trl(spec: dict, make) -> dict:
+    """One timed run of the TRL trainer that ``make(spec, callbacks)`` builds."""
     _setup_worker(spec)
     timer = WindowTimer(spec["warmup"], spec["steps"])
-    trainer = make_trl_sft(spec, [_trl_callback(timer)])
+    trainer = make(spec, [_trl_callback(timer)])
     timer.attach(trainer.model)
     trainer.train()
     return {**timer.result(), "n_params": _n_params(trainer.model)}
+
+
+def run_sft_trl(spec: dict) -> dict:
+    """One SFT run of TRL's ``SFTTrainer``."""
+    return _run_trl(spec, make_trl_sft)
 
 
 def run_rm_trl(spec: dict) -> dict:
     """One reward-model run of TRL's ``RewardTrainer``."""
-    _setup_worker(spec)
-    timer = WindowTimer(spec["warmup"], spec["steps"])
-    trainer = make_trl_rm(spec, [_trl_callback(timer)])
-    timer.attach(trainer.model)
-    trainer.train()
-    return {**timer.result(), "n_params": _n_params(trainer.model)}
+    return _run_trl(spec, make_trl_rm)
 
 
 def run_ppo_trl(spec: dict) -> dict:

@@ -191,3 +191,18 @@ def test_pm_fsdp2_two_cpu_processes(tiny_model_dir, tmp_path):
     start = PreferenceModel.from_pretrained(ModelConfig(str(tiny_model_dir)))
     assert hf.score.weight.shape == start.score.weight.shape  # gathered, not a shard
     assert hf.model.embed_tokens.weight.shape == start.backbone.embed_tokens.weight.shape
+
+
+def test_score_texts_batches_and_keeps_the_end_of_long_texts(tiny_model_dir):
+    pm = PreferenceModel.from_pretrained(ModelConfig(str(tiny_model_dir))).eval()
+    tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    long_text = "word " * 1500 + "and the end"
+    texts = ["short one", long_text, "a middle sized text here"]
+    scores = pm.score_texts(tok, texts, batch_size=2)
+    ids = tok(long_text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > pm.config.max_position_embeddings
+    with torch.no_grad():
+        end = pm(torch.tensor([ids[-pm.config.max_position_embeddings :]]), torch.ones(1, 1024, dtype=torch.long))
+        alone = pm(**{k: v for k, v in tok(["short one"], return_tensors="pt").items() if k != "token_type_ids"})
+    torch.testing.assert_close(scores[1:2], end, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores[:1], alone, rtol=1e-4, atol=1e-4)
