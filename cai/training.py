@@ -13,7 +13,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from models import ModelConfig, load_model, load_tokenizer
@@ -78,9 +77,11 @@ def shard_fsdp2(model: torch.nn.Module, mesh) -> None:
     """Apply FSDP2 ``fully_shard`` to every decoder layer, to each outermost HF model inside, then to the root.
 
     Sharding an HF model inside a wrapper (the policy inside ``PolicyWithValue``) as its own unit lets code call it
-    directly, as ``generate`` does: its own forward hook gathers its embeddings and head.
+    directly, as ``generate`` does: its own forward hook gathers its embeddings and head. Methods that a network
+    lists in ``fsdp_forward_methods`` (``PreferenceModel.forward_pairs``) gather the root's parameters as ``forward``
+    does.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from transformers import PreTrainedModel
 
     layers = decoder_layer_classes(model)
@@ -94,6 +95,8 @@ def shard_fsdp2(model: torch.nn.Module, mesh) -> None:
         fully_shard(module, mesh=mesh)
         outer.append(name)
     fully_shard(model, mesh=mesh)
+    for method in getattr(model, "fsdp_forward_methods", ()):
+        register_fsdp_forward_method(model, method)
 
 
 class HFModule(L.LightningModule):
@@ -130,7 +133,7 @@ class HFModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; dropout is off anyway (models.load_model)
         if self.gradient_checkpointing:
             hf = self.hf_model
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             hf.config.use_cache = False
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ModelParallelStrategy):
@@ -187,15 +190,18 @@ class HFModule(L.LightningModule):
             print(f"saved the trained model in Hugging Face format to {path}")
 
 
-class CAICLI(LightningCLI):
-    """LightningCLI with the data's tokenizer linked to the model's, so it is written once in a config."""
+def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataModule], args, prog: str):
+    """Run a training stage as a LightningCLI program (``fit``, ``validate``, ...; the config saved with the run).
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments(
-            ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n
-        )
+    The data's tokenizer is linked to the model's, so it is written once in a config. The CLI (jsonargparse and its
+    helpers) is imported here, not with this module, so that importing a stage costs only what training needs.
+    """
+    from lightning.pytorch.cli import LightningCLI
 
+    class CAICLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments(
+                ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n
+            )
 
-def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataModule], args, prog: str) -> CAICLI:
-    """Run a training stage as a LightningCLI program (``fit``, ``validate``, ...; the config saved with the run)."""
     return CAICLI(module, datamodule, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})

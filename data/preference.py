@@ -4,8 +4,9 @@ Accepted inputs: the output of ``cai label`` (``prompt``, ``chosen``, ``rejected
 ``chosen`` is the better response), TRL's preference form (``prompt``/``chosen``/``rejected``, hard labels), or
 hh-rlhf (``chosen``/``rejected`` full transcripts, no ``prompt`` column). Without ``p_chosen`` the label is 1.
 
-Each pair becomes two sequences, "\\n\\nHuman: prompt\\n\\nAssistant: response", that go through the network in
-one forward pass: the chosen rows first, then the rejected rows.
+Each pair becomes two sequences, "\\n\\nHuman: prompt\\n\\nAssistant: response". A batch carries the tokens both
+sequences of a pair start with once, and the two continuations (``PreferenceCollator``), so that the preference model
+can run the shared prefix once for the pair.
 """
 
 from __future__ import annotations
@@ -32,11 +33,31 @@ def pair_texts(example: dict, source: str = "dataset") -> tuple[str, str]:
     return transcript(example["prompt"], example["chosen"]), transcript(example["prompt"], example["rejected"])
 
 
+def shared_prefix_length(a: list[int], b: list[int]) -> int:
+    """Tokens that ``a`` and ``b`` start with in common, leaving at least one token of each after them."""
+    n = 0
+    for x, y in zip(a[:-1], b[:-1]):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def tokenize_pair(example: dict, tokenizer, max_length: int, hard_labels: bool, source: str = "dataset") -> dict:
-    """Token ids of both texts, cut from the left to ``max_length`` (the reward is read at the end), and the label."""
+    """Token ids of both texts, cut from the left to ``max_length`` (the reward is read at the end), and the label.
+
+    When the longer text is too long, both are cut at the same token if the part cut away is common to both, so the
+    two responses are judged in the same context and still share their prefix (``PreferenceCollator``); otherwise
+    each keeps its last ``max_length`` tokens.
+    """
     chosen, rejected = pair_texts(example, source)
-    ids_c = tokenizer(chosen, add_special_tokens=False)["input_ids"][-max_length:]
-    ids_r = tokenizer(rejected, add_special_tokens=False)["input_ids"][-max_length:]
+    ids_c = tokenizer(chosen, add_special_tokens=False)["input_ids"]
+    ids_r = tokenizer(rejected, add_special_tokens=False)["input_ids"]
+    over = max(len(ids_c), len(ids_r)) - max_length
+    if over > 0 and shared_prefix_length(ids_c, ids_r) >= over:
+        ids_c, ids_r = ids_c[over:], ids_r[over:]
+    elif over > 0:
+        ids_c, ids_r = ids_c[-max_length:], ids_r[-max_length:]
     p = example.get("p_chosen")
     p = 1.0 if hard_labels or p is None else float(p)
     if not 0.0 <= p <= 1.0:
@@ -45,20 +66,82 @@ def tokenize_pair(example: dict, tokenizer, max_length: int, hard_labels: bool, 
 
 
 class PreferenceCollator:
-    """Stack chosen then rejected rows into one right-padded batch (2B, T), with the labels (B,)."""
+    """One batch of B pairs, split into the prefix both texts of a pair share and the two continuations.
+
+    Layout (what ``PreferenceModel.forward_pairs`` reads): ``prompt_ids``/``prompt_mask`` (B, P), left-padded;
+    ``response_ids``/``response_mask`` (2B, R), right-padded, row 2i the rest of pair i's chosen text and row 2i + 1
+    the rest of its rejected text; ``p_chosen`` (B,). The prefix is found on the token ids, so it is exact whatever
+    the tokenizer does at the prompt/response boundary. A pair whose texts differ from the first token has an empty
+    prompt row, and its continuations are the whole texts.
+
+    Padding: the prompt block is as wide as the longest prefix and the response block as the longest continuation,
+    which together can be wider than the longest text. So the prefix each pair contributes is capped at the length
+    ``cap`` that makes the fewest token positions, B * P + 2B * R (``cap`` 0: whole texts, 2B * T), and a batch never
+    costs more positions than its whole texts would.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
+    @staticmethod
+    def prefix_cap(lengths: list[tuple[int, int]], shared: list[int]) -> int:
+        """The cap on each pair's prefix length with the fewest token positions (ties: the longer cap).
+
+        Args:
+            lengths: (chosen, rejected) token counts of each pair.
+            shared: Tokens each pair's texts start with in common.
+        """
+
+        def positions(cap: int) -> int:
+            cut = [min(n, cap) for n in shared]
+            rest = max(max(c, r) - k for (c, r), k in zip(lengths, cut))
+            return len(shared) * max(cut) + 2 * len(shared) * rest
+
+        return min(sorted({0, *shared}, reverse=True), key=positions)
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        lengths = [(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+        shared = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
+        cap = self.prefix_cap(lengths, shared)
+        shared = [min(n, cap) for n in shared]
+        prompts = [e["chosen_ids"][:n] for e, n in zip(examples, shared)]
+        responses = [r for e, n in zip(examples, shared) for r in (e["chosen_ids"][n:], e["rejected_ids"][n:])]
+        prompt_ids, prompt_mask = self._pad(prompts, left=True)  # (B, P)
+        response_ids, response_mask = self._pad(responses, left=False)  # (2B, R)
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "response_ids": response_ids,
+            "response_mask": response_mask,
+            "p_chosen": torch.tensor([e["p_chosen"] for e in examples], dtype=torch.float32),  # (B,)
+        }
+
+    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id)  # (2B, T)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
+        ids = torch.full((len(rows), width), self.pad_token_id)  # (N, W)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, W)
         for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        p = torch.tensor([e["p_chosen"] for e in examples], dtype=torch.float32)  # (B,)
-        return {"input_ids": ids, "attention_mask": mask, "p_chosen": p}
+            cols = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
+        return ids, mask
+
+
+def join_pairs(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole texts of a ``PreferenceCollator`` batch: ids and mask (2B, T), chosen rows then rejected, right-padded.
+
+    For code that wants one row per text (and for comparing with other libraries' batches).
+    """
+    rows = []
+    for half in (0, 1):  # chosen rows, then rejected rows
+        for i in range(batch["prompt_ids"].shape[0]):
+            pm, rm = batch["prompt_mask"][i].bool(), batch["response_mask"][2 * i + half].bool()
+            rows.append(torch.cat([batch["prompt_ids"][i][pm], batch["response_ids"][2 * i + half][rm]]))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (2B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return ids, mask
 
 
 class PreferenceDataModule(SplitDataModule):

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from models.loading import ModelConfig, disable_dropout, load_model, resolve_attn_implementation, resolve_dtype
+from models.logprobs import position_ids_from_mask
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,8 @@ class PreferenceModel(nn.Module):
         score: The ``hidden -> 1`` head; a new one is made when None.
     """
 
+    fsdp_forward_methods = ("forward_pairs",)  # entry points besides forward (see cai.training.shard_fsdp2)
+
     def __init__(self, backbone: nn.Module, score: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
@@ -53,9 +56,83 @@ class PreferenceModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards (B,) of a batch (B, T) of tokenized sequences."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        idx = last_token_index(attention_mask)  # (B,)
+        return self._read(hidden, attention_mask)
+
+    def _read(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,): the head on the hidden state (B, T, H) of each row's last real token (mask (B, T))."""
+        idx = last_token_index(mask)  # (B,)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
         return self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()  # (B,)
+
+    def can_share_prompt(self, width: int) -> bool:
+        """Whether ``forward_pairs`` may run prompts once through a KV cache for sequences ``width`` tokens wide.
+
+        Not with gradient checkpointing (Hugging Face models turn the cache off under it), nor past a sliding
+        attention window (the cache would keep only the window), nor with sharded (FSDP) layers: the gradient that
+        reaches a layer through the cached keys and values bypasses the output hooks with which FSDP gathers that
+        layer's parameters again for the backward pass.
+        """
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        sharded = (FSDPModule, FullyShardedDataParallel)
+        for m in self.backbone.modules():
+            if getattr(m, "gradient_checkpointing", False) is True or isinstance(m, sharded):
+                return False
+        window = getattr(self.config, "sliding_window", None)
+        uses_window = window is not None and getattr(self.config, "use_sliding_window", True)
+        return not (uses_window and width > window)
+
+    def forward_pairs(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        share_prompt: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (B,), (B,) of the chosen and rejected texts of B pairs, each pair's common prefix computed once.
+
+        The two texts of a pair usually start with the same tokens (the conversation so far). With ``share_prompt``
+        that prefix goes through the backbone once, and both continuations attend to its cached keys and values,
+        so a pair costs P + 2R token positions instead of 2(P + R). Causal attention makes this exact: a prefix
+        position never sees what follows it. Otherwise (or when ``can_share_prompt`` says no) each text is run
+        whole, as ``forward`` runs it.
+
+        Args:
+            prompt_ids: (B, P) the tokens both texts of pair i start with, left-padded. P may be 0.
+            prompt_mask: (B, P) 1 on real prompt tokens.
+            response_ids: (2B, R) the rest of each text, right-padded: row 2i continues pair i's chosen text,
+                row 2i + 1 its rejected text. Every row has at least one real token (the reward is read there).
+            response_mask: (2B, R) 1 on real response tokens.
+            share_prompt: Use the KV cache for the prefix when possible.
+        """
+        B, P = prompt_ids.shape
+        mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask], dim=1)  # (2B, P + R)
+        if P > 0 and share_prompt and self.can_share_prompt(mask.shape[1]):
+            positions = position_ids_from_mask(mask)  # (2B, P + R): as if each text had no padding
+            cache = self.backbone(
+                input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[0::2, :P], use_cache=True
+            ).past_key_values  # keys and values (B, heads, P, d) of every layer
+            cache.batch_repeat_interleave(2)  # (2B, heads, P, d): rows 2i and 2i + 1 share prompt i
+            hidden = self.backbone(
+                input_ids=response_ids,
+                attention_mask=mask,
+                position_ids=positions[:, P:],
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state  # (2B, R, H)
+            rewards = self._read(hidden, response_mask)  # (2B,)
+        else:
+            ids = torch.cat([prompt_ids.repeat_interleave(2, dim=0), response_ids], dim=1)  # (2B, P + R)
+            # Whole texts, right-padded: move each row's real tokens to the front (a stable sort keeps their order)
+            # and drop the columns no row needs (one host sync), so no compute goes to padding between the parts.
+            order = torch.argsort(1 - mask, dim=1, stable=True)  # (2B, P + R)
+            width = int(mask.sum(1).max())
+            ids, mask = ids.gather(1, order)[:, :width], mask.gather(1, order)[:, :width]  # (2B, T)
+            hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            rewards = self._read(hidden, mask)  # (2B,)
+        rewards = rewards.view(B, 2)  # (B, 2): chosen, rejected
+        return rewards[:, 0], rewards[:, 1]
 
     @torch.no_grad()
     def score_texts(self, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Workers of ``scripts/bench_vs_trl.py``: model and data set-up, one measured training run, and the parity checks.
+"""Shared parts of ``scripts/bench_vs_trl.py``'s workers: model and data set-up, timing, memory, the worker entry.
+
+The workers themselves: ``bench_cai.py`` (this project), ``bench_trl.py`` (TRL) and ``bench_parity.py`` (the loss
+checks on identical inputs).
 
 Each measured run happens in a fresh process (``bench_vs_trl.py --_worker NAME --_spec FILE``) so that its peak
 memory belongs to one system and one run. A worker prints one line ``BENCH_RESULT {json}`` at the end.
@@ -170,6 +173,18 @@ def peak_memory_bytes() -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "peak RSS"
 
 
+def memory_now_bytes() -> int:
+    """Memory this process holds now: ``torch.cuda.memory_allocated`` on a GPU, else resident memory (Linux)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0  # not Linux: the figure is left out of the report
+
+
 class WindowTimer:
     """Counts tokens and rows of training forward passes and times steps ``warmup + 1 ... warmup + steps``.
 
@@ -187,17 +202,20 @@ class WindowTimer:
         self.t0 = self.t1 = None
         self.i0 = self.i1 = 0
         self.peak: tuple[int, str] | None = None
-        self.peak_before = 0
+        self.mem_start = 0
         self.busy0 = self.busy1 = self.cpu0 = self.cpu1 = None
 
     def attach(self, module) -> None:
         """Count the inputs of every forward pass of ``module`` that builds a graph (training passes).
 
-        Called just before training starts, so it also reads the peak memory of the set-up (imports, model, data).
+        Called just before training starts, so it also reads the memory held by then (imports, model, data).
+        ``module`` None: the worker counts each batch itself with ``add``.
         """
         import torch
 
-        self.peak_before = peak_memory_bytes()[0]
+        self.mem_start = memory_now_bytes()
+        if module is None:
+            return
 
         def hook(_module, args, kwargs):
             if not torch.is_grad_enabled():
@@ -208,6 +226,11 @@ class WindowTimer:
             self.rows.append(int(ids.shape[0]))
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def add(self, tokens, rows: int) -> None:
+        """Count one training batch of ``rows`` sequences holding ``tokens`` real tokens (for workers without hook)."""
+        self.tokens.append(tokens)
+        self.rows.append(rows)
 
     @staticmethod
     def _sync() -> None:
@@ -248,13 +271,13 @@ class WindowTimer:
             "rows": sum(self.rows[self.i0 : self.i1]),
             "tokens_per_s": tokens / seconds,
             "peak_mem_bytes": self.peak[0],
-            "peak_mem_before_train_bytes": self.peak_before,
+            "mem_at_train_start_bytes": self.mem_start,
             "mem_kind": self.peak[1],
             "other_cpu_load": other,
         }
 
 
-def _setup_worker(spec: dict) -> None:
+def setup_worker(spec: dict) -> None:
     import datasets
     import torch
 
@@ -266,104 +289,8 @@ def _setup_worker(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
 
 
-def _n_params(module) -> int:
+def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------- this project
-
-
-def _cai_trainer(spec: dict, callback):
-    import lightning as L
-
-    cuda = spec["device"] == "cuda"
-    return L.Trainer(
-        accelerator="gpu" if cuda else "cpu",
-        devices=1,
-        precision="bf16-mixed" if spec["bf16"] else "32-true",
-        max_steps=spec["warmup"] + spec["steps"],
-        gradient_clip_val=spec["max_grad_norm"],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[callback],
-        default_root_dir=spec["tmp"],
-    )
-
-
-def _cai_optim(spec: dict):
-    from cai.training import OptimConfig
-
-    return OptimConfig(
-        lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant"
-    )
-
-
-def _cai_model_config(spec: dict):
-    from models import ModelConfig
-
-    return ModelConfig(spec["model"], dtype="float32", attn_implementation=spec["attn"])
-
-
-def _cai_callback(timer: WindowTimer, network):
-    """A Lightning callback that feeds ``timer``; ``network(pl_module)`` is the module whose inputs are counted."""
-    import lightning as L
-
-    class StepTimer(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            timer.attach(network(pl_module))
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            timer.step_end(trainer.global_step)
-
-        def on_train_end(self, trainer, pl_module):
-            timer.train_end()
-
-    return StepTimer()
-
-
-def run_sft_cai(spec: dict) -> dict:
-    """One SFT run of ``cai.sft.SFTModule`` on ``data.sft.SFTDataModule`` with a ``lightning.Trainer``."""
-    _setup_worker(spec)
-    from cai.sft import SFTModule
-    from data.sft import SFTDataModule
-
-    timer = WindowTimer(spec["warmup"], spec["steps"])
-    module = SFTModule(_cai_model_config(spec), _cai_optim(spec), hf_out=os.path.join(spec["tmp"], "hf"))
-    data = SFTDataModule(
-        train=spec["data"]["sft_cai"],
-        val=spec["data"]["sft_cai"],  # no hold-out: validation is off (limit_val_batches=0)
-        tokenizer=spec["model"],
-        max_length=spec["seq_len"],
-        batch_size=spec["batch_size"],
-        seed=spec["seed"],
-    )
-    _cai_trainer(spec, _cai_callback(timer, lambda m: m.model)).fit(module, datamodule=data)
-    return {**timer.result(), "n_params": _n_params(module.model)}
-
-
-def run_rm_cai(spec: dict) -> dict:
-    """One hard-label preference-model run of ``cai.pm.PreferenceModule`` on ``PreferenceDataModule``."""
-    _setup_worker(spec)
-    from cai.pm import PreferenceModule
-    from data.preference import PreferenceDataModule
-
-    timer = WindowTimer(spec["warmup"], spec["steps"])
-    module = PreferenceModule(_cai_model_config(spec), _cai_optim(spec), hf_out=os.path.join(spec["tmp"], "hf"))
-    data = PreferenceDataModule(
-        train=spec["data"]["rm_cai"],
-        val=spec["data"]["rm_cai"],
-        tokenizer=spec["model"],
-        hard_labels=True,
-        max_length=spec["seq_len"],
-        batch_size=spec["batch_size"],
-        seed=spec["seed"],
-    )
-    _cai_trainer(spec, _cai_callback(timer, lambda m: m.model.backbone)).fit(module, datamodule=data)
-    return {**timer.result(), "n_params": _n_params(module.model)}
 
 
 def build_preference_model(model_dir: Path, out: Path) -> Path:
@@ -401,388 +328,25 @@ class RolloutTimer(WindowTimer):
         return {**out, "rows": self.batch_size * self.steps}  # episodes: responses of the timed rollouts
 
 
-def run_ppo_cai(spec: dict) -> dict:
-    """One PPO run of ``cai.ppo.PPOModule`` on ``PromptDataModule`` with a ``lightning.Trainer``.
+def workers() -> dict:
+    """Worker functions by name (imported here: each worker process imports only the modules it needs)."""
+    import bench_cai
+    import bench_parity
+    import bench_trl
 
-    The window is timed by rollouts (``on_train_batch_end``; one training step is one rollout of ``batch_size``
-    prompts). ``spec["ppo"]["critic"]``: a separate critic started from the preference model (TRL's layout) instead
-    of the default value head on the policy.
-    """
-    _setup_worker(spec)
-    import lightning as L
-
-    from cai.ppo import PPOConfig, PPOModule
-    from data.prompt_data import PromptDataModule
-    from models import ModelConfig
-
-    p = spec["ppo"]
-    timer = RolloutTimer(p["warmup"], p["steps"], p["batch_size"])
-    pm = ModelConfig(spec["pm"], dtype="float32", attn_implementation=spec["attn"])
-    cfg = PPOConfig(
-        total_rollouts=p["warmup"] + p["steps"],
-        max_new_tokens=p["new_tokens"],
-        temperature=1.0,
-        ppo_epochs=p["epochs"],
-        num_minibatches=p["minibatches"],
-        clip_range=p["clip"],
-        vf_clip_range=p["clip"],
-        vf_coef=p["vf_coef"],
-        gamma=1.0,
-        lam=0.95,
-        kl_coef=p["kl_coef"],
-        kl_estimator="k1",
-        missing_eos_penalty=None,
-        max_grad_norm=spec["max_grad_norm"],
-    )
-    module = PPOModule(
-        _cai_model_config(spec),
-        preference_model=pm,
-        critic=pm if p.get("critic") else None,
-        ppo=cfg,
-        optim=_cai_optim({**spec, "lr": p["lr"]}),
-        hf_out=os.path.join(spec["tmp"], "hf"),
-    )
-    data = PromptDataModule(
-        prompts="red_team", tokenizer=spec["model"], batch_size=p["batch_size"], max_prompt_tokens=10**6
-    )
-    count = {"rollouts": 0}
-
-    class RolloutCallback(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            timer.attach(pl_module.model)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            count["rollouts"] += 1
-            timer.step_end(count["rollouts"])
-
-        def on_train_end(self, trainer, pl_module):
-            timer.train_end()
-
-    cuda = spec["device"] == "cuda"
-    trainer = L.Trainer(
-        accelerator="gpu" if cuda else "cpu",
-        devices=1,
-        precision="bf16-mixed" if spec["bf16"] else "32-true",
-        max_steps=-1,
-        max_epochs=1000,  # stopped by total_rollouts
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[RolloutCallback()],
-        default_root_dir=spec["tmp"],
-    )
-    trainer.fit(module, datamodule=data)
-    return {**timer.result(), "n_params": _n_params(module.model)}
-
-
-# ----------------------------------------------------------------------------- TRL
-
-
-def _trl_common_args(spec: dict) -> dict:
-    """``TrainingArguments`` shared by both TRL trainers: the same schedule, optimizer settings and precision."""
-    return dict(
-        output_dir=os.path.join(spec["tmp"], "trl"),
-        per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1,
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.0,
-        max_grad_norm=spec["max_grad_norm"],
-        max_steps=spec["warmup"] + spec["steps"],
-        max_length=spec["seq_len"],
-        gradient_checkpointing=False,  # TRL's default is True; this project's is False
-        bf16=spec["bf16"],
-        fp16=False,
-        use_cpu=spec["device"] != "cuda",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=spec["seed"],
-        data_seed=spec["seed"],
-        model_init_kwargs={"dtype": "float32", "attn_implementation": spec["attn"]},
-    )
-
-
-def _trl_callback(timer: WindowTimer):
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            timer.step_end(state.global_step)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            timer.train_end()
-
-    return StepTimer()
-
-
-def _load_jsonl(path: str):
-    import datasets
-
-    return datasets.load_dataset("json", data_files=path, split="train")
-
-
-def make_trl_sft(spec: dict, callbacks=()):
-    """A ``trl.SFTTrainer`` on the TRL-format SFT file (prompt/completion, loss on completions only)."""
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(**_trl_common_args(spec), completion_only_loss=True, packing=False)
-    return SFTTrainer(
-        model=spec["model"],
-        args=args,
-        train_dataset=_load_jsonl(spec["data"]["sft_trl"]),
-        processing_class=AutoTokenizer.from_pretrained(spec["model"]),
-        callbacks=list(callbacks),
-    )
-
-
-def make_trl_rm(spec: dict, callbacks=()):
-    """A ``trl.RewardTrainer`` (``AutoModelForSequenceClassification``, one label) on the TRL-format pairs."""
-    from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
-
-    args = RewardConfig(**_trl_common_args(spec))
-    return RewardTrainer(
-        model=spec["model"],
-        args=args,
-        train_dataset=_load_jsonl(spec["data"]["rm_trl"]),
-        processing_class=AutoTokenizer.from_pretrained(spec["model"]),
-        callbacks=list(callbacks),
-    )
-
-
-def _run_trl(spec: dict, make) -> dict:
-    """One timed run of the TRL trainer that ``make(spec, callbacks)`` builds."""
-    _setup_worker(spec)
-    timer = WindowTimer(spec["warmup"], spec["steps"])
-    trainer = make(spec, [_trl_callback(timer)])
-    timer.attach(trainer.model)
-    trainer.train()
-    return {**timer.result(), "n_params": _n_params(trainer.model)}
-
-
-def run_sft_trl(spec: dict) -> dict:
-    """One SFT run of TRL's ``SFTTrainer``."""
-    return _run_trl(spec, make_trl_sft)
-
-
-def run_rm_trl(spec: dict) -> dict:
-    """One reward-model run of TRL's ``RewardTrainer``."""
-    return _run_trl(spec, make_trl_rm)
-
-
-def run_ppo_trl(spec: dict) -> dict:
-    """One PPO run of TRL's ``trl.experimental.ppo.PPOTrainer``, timed by updates (one update = one rollout batch).
-
-    Policy and reference from the same tiny model; reward model and value model (TRL's separate critic, started from
-    the preference model as in TRL's examples) from the saved preference model. No stop token and no missing-EOS
-    penalty, so every response is ``response_length`` tokens, as generation is in this project.
-    """
-    _setup_worker(spec)
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    p = spec["ppo"]
-    timer = RolloutTimer(p["warmup"], p["steps"], p["batch_size"])
-    tok = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ppo_prompts(spec)]
-    ds = datasets.Dataset.from_dict({"input_ids": ids})
-    load = dict(dtype=torch.float32, attn_implementation=spec["attn"])
-    args = PPOConfig(
-        output_dir=os.path.join(spec["tmp"], "trl"),
-        per_device_train_batch_size=p["batch_size"],
-        gradient_accumulation_steps=1,
-        num_mini_batches=p["minibatches"],
-        total_episodes=p["batch_size"] * (p["warmup"] + p["steps"]),
-        local_rollout_forward_batch_size=p["batch_size"],
-        response_length=p["new_tokens"],
-        num_ppo_epochs=p["epochs"],
-        temperature=1.0,
-        stop_token=None,
-        stop_token_id=None,
-        missing_eos_penalty=None,
-        kl_coef=p["kl_coef"],
-        kl_estimator="k1",
-        cliprange=p["clip"],
-        cliprange_value=p["clip"],
-        vf_coef=p["vf_coef"],
-        gamma=1.0,
-        lam=0.95,
-        whiten_rewards=False,
-        num_sample_generations=0,
-        learning_rate=p["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.0,
-        gradient_checkpointing=False,  # TRL's PPO default is True; this project's is False
-        bf16=spec["bf16"],
-        fp16=False,
-        use_cpu=spec["device"] != "cuda",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=spec["seed"],
-        sft_model_path=spec["model"],
-        reward_model_path=spec["pm"],
-    )
-    trainer = PPOTrainer(
-        args=args,
-        processing_class=tok,
-        model=AutoModelForCausalLM.from_pretrained(spec["model"], **load),
-        ref_model=AutoModelForCausalLM.from_pretrained(spec["model"], **load),
-        reward_model=AutoModelForSequenceClassification.from_pretrained(spec["pm"], num_labels=1, **load),
-        value_model=AutoModelForSequenceClassification.from_pretrained(spec["pm"], num_labels=1, **load),
-        train_dataset=ds,
-        eval_dataset=ds,  # never used: num_sample_generations=0, no evaluation
-        callbacks=[_trl_callback(timer)],
-    )
-    timer.attach(trainer.model)
-    trainer.train()
-    return {**timer.result(), "n_params": _n_params(trainer.model)}
-
-
-# ----------------------------------------------------------------------------- parity
-
-
-def _compare_batches(ours: dict, theirs: dict, keys: tuple[str, ...]) -> str | None:
-    """None when the batches hold the same tensors under ``keys``, else what differs."""
-    for key in keys:
-        a, b = ours[key].cpu(), theirs[key].cpu()
-        if a.shape != b.shape or not bool((a.long() == b.long()).all()):
-            return f"{key} differ (shapes {tuple(a.shape)} vs {tuple(b.shape)})"
-    return None
-
-
-def _verdict(
-    values: dict[str, float], diffs: dict[str, float], inputs_differ: str | None, tol: float, note: str = ""
-) -> dict:
-    worst = max(diffs.values())
     return {
-        "equal": inputs_differ is None and worst <= tol,
-        "max_abs_diff": worst,
-        "diffs": diffs,
-        "values": values,
-        "inputs": inputs_differ or "identical",
-        "note": note,
+        "sft-cai": bench_cai.run_sft_cai,
+        "sft-trl": bench_trl.run_sft_trl,
+        "rm-cai": bench_cai.run_rm_cai,
+        "rm-trl": bench_trl.run_rm_trl,
+        "ppo-cai": bench_cai.run_ppo_cai,
+        "ppo-trl": bench_trl.run_ppo_trl,
+        "parity": bench_parity.run_parity,
     }
-
-
-def parity_sft(spec: dict, n: int) -> dict:
-    """This project's SFT loss against ``SFTTrainer.compute_loss`` on the first ``n`` rows of the same data.
-
-    Each system tokenizes and collates its own file; the batches must hold the same ids, labels and mask. The loss
-    is ``losses.sft_loss`` on ``SFTModule``'s logits against TRL's ``compute_loss`` (its default
-    ``loss_type="chunked_nll"``: the LM head only on completion positions, cross-entropy in chunks).
-    """
-    import torch
-
-    from cai.sft import SFTModule
-    from data.sft import SFTDataModule
-    from losses import sft_loss
-
-    device = torch.device(spec["device"])
-    dm = SFTDataModule(spec["data"]["sft_cai"], spec["data"]["sft_cai"], spec["model"], spec["seq_len"], n)
-    dm.setup("fit")
-    ours = {k: v.to(device) for k, v in dm.collator()([dm.train_set[i] for i in range(n)]).items()}
-    trainer = make_trl_sft({**spec, "bf16": False})
-    ds = trainer.train_dataset
-    theirs = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(n)]))
-    differ = _compare_batches(ours, theirs, ("input_ids", "labels", "attention_mask"))
-
-    module = SFTModule(_cai_model_config(spec))
-    module.configure_model()
-    module.to(device)
-    trainer.model.train()
-    with torch.no_grad():
-        logits, targets = module(ours)  # logits only where a target follows
-        loss_ours = sft_loss(logits, targets, aligned=True)
-        loss_trl = trainer.compute_loss(trainer.model, dict(theirs))
-    values = {"loss_cai": float(loss_ours), "loss_trl": float(loss_trl)}
-    return _verdict(values, {"loss": abs(float(loss_ours) - float(loss_trl))}, differ, spec["parity_tol"])
-
-
-def parity_rm(spec: dict, n: int) -> dict:
-    """This project's hard-label preference loss and rewards against ``RewardTrainer.compute_loss`` on one batch.
-
-    TRL's sequence-classification head starts from its own random init (std ``initializer_range`` = 0.02); ours
-    from std 1/sqrt(hidden + 1). The check copies our head into TRL's, so both networks hold the same weights (and
-    the rewards are O(1), not all near 0 as with TRL's init, which would make every loss close to log 2).
-    """
-    import torch
-
-    from cai.pm import PreferenceModule
-    from data.preference import PreferenceDataModule
-
-    device = torch.device(spec["device"])
-    dm = PreferenceDataModule(
-        spec["data"]["rm_cai"], spec["data"]["rm_cai"], spec["model"], True, spec["seq_len"], batch_size=n
-    )
-    dm.setup("fit")
-    ours = {k: v.to(device) for k, v in dm.collator()([dm.train_set[i] for i in range(n)]).items()}
-    trainer = make_trl_rm({**spec, "bf16": False})
-    ds = trainer.train_dataset
-    theirs = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(n)]))
-    differ = _compare_batches(ours, theirs, ("input_ids", "attention_mask"))
-
-    module = PreferenceModule(_cai_model_config(spec))
-    module.configure_model()
-    module.to(device)
-    trainer.model.train()
-    with torch.no_grad():
-        trainer.model.score.weight.copy_(module.model.score.weight)
-        loss_ours, r_c, r_r, _ = module._step(ours)
-        rewards_trl = trainer.model(input_ids=theirs["input_ids"], attention_mask=theirs["attention_mask"]).logits
-        loss_trl = trainer.compute_loss(trainer.model, dict(theirs))
-    diffs = {
-        "loss": abs(float(loss_ours) - float(loss_trl)),
-        "rewards": float((torch.cat([r_c, r_r]) - rewards_trl.squeeze(-1).float()).abs().max()),
-    }
-    values = {"loss_cai": float(loss_ours), "loss_trl": float(loss_trl)}
-    note = "the heads start from different random inits (TRL std 0.02, ours 1/sqrt(H+1)): ours copied for the check"
-    return _verdict(values, diffs, differ, spec["parity_tol"], note)
-
-
-PARITY = {"sft": parity_sft, "rm": parity_rm}
-
-
-def run_parity(spec: dict) -> dict:
-    """Parity of every stage in ``spec["parity_stages"]`` that has a check, in float32, on one batch each."""
-    _setup_worker(spec)
-    n = min(spec["batch_size"], 8)
-    return {stage: PARITY[stage](spec, n) for stage in spec["parity_stages"] if stage in PARITY}
-
-
-WORKERS = {
-    "sft-cai": run_sft_cai,
-    "sft-trl": run_sft_trl,
-    "rm-cai": run_rm_cai,
-    "rm-trl": run_rm_trl,
-    "ppo-cai": run_ppo_cai,
-    "ppo-trl": run_ppo_trl,
-    "parity": run_parity,
-}
 
 
 def worker_main(name: str, spec_path: str) -> None:
     """Run worker ``name`` on the spec in ``spec_path`` and print its result line."""
     spec = json.loads(Path(spec_path).read_text())
-    result = WORKERS[name](spec)
+    result = workers()[name](spec)
     print(RESULT_PREFIX + json.dumps(result), flush=True)

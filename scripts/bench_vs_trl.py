@@ -63,6 +63,12 @@ PRESETS = {
     "tiny": dict(arch="llama", overrides={}, vocab_size=None, seq_len=128, batch_size=8, steps=100, warmup=10,
                  lr=1e-4, n_rows=256, bf16=False,
                  ppo=dict(batch_size=8, new_tokens=16, epochs=2, minibatches=2, warmup=2, steps=6, lr=1e-4)),
+    # CPU, compute-bound: a wider and deeper llama (3.2M parameters) whose step is large matrix products rather than
+    # per-operation overhead, as in real models; same tiny tokenizer.
+    "small": dict(arch="llama", overrides=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                               num_attention_heads=4, num_key_value_heads=2),
+                  vocab_size=None, seq_len=256, batch_size=4, steps=20, warmup=3, lr=1e-4, n_rows=128, bf16=False,
+                  ppo=dict(batch_size=8, new_tokens=32, epochs=2, minibatches=2, warmup=1, steps=4, lr=1e-5)),
     # GPU: random Qwen2 0.5B in bf16 mixed precision.
     "0.5b": dict(arch="qwen2", overrides=QWEN2_05B, vocab_size=151936, seq_len=512, batch_size=8, steps=20, warmup=5,
                  lr=1e-5, n_rows=256, bf16=True,
@@ -193,6 +199,11 @@ def run_list(stage: Stage, runs: list[dict]) -> str:
     return ", ".join(fmt_num(throughput(stage, r)) + ("*" if r.get("busy") else "") for r in runs)
 
 
+def at_start(runs: list[dict]) -> float:
+    """Median memory held when training starts (imports, model, data)."""
+    return statistics.median(r["mem_at_train_start_bytes"] for r in runs)
+
+
 def build_table(stages: list[Stage], results: dict, parity: dict, spec: dict) -> tuple[str, list[str]]:
     """The Markdown table, and one line per stage with the single runs."""
     head = "| stage | metric | this project | TRL | ratio | peak mem cai | peak mem TRL | mem ratio | goal | parity |"
@@ -214,7 +225,7 @@ def build_table(stages: list[Stage], results: dict, parity: dict, spec: dict) ->
             f"{fmt_mem(mem_c)} | {fmt_mem(mem_t)} | {mem_ratio:.2f}x | >= {stage.goal:g}x: {', '.join(met)} | "
             f"{parity_cell(parity.get(stage.name)) if stage.name in parity else stage.parity_note or 'not checked'} |"
         )
-        if stage.name == "sft" and spec["device"] == "cuda":
+        if stage.name == "sft" and spec.get("peak_tflops"):
             peak = spec["peak_tflops"] * 1e12
             mfu_c = 6 * cai[0]["n_params"] * speed_c / peak
             mfu_t = 6 * trl[0]["n_params"] * speed_t / peak
@@ -226,6 +237,12 @@ def build_table(stages: list[Stage], results: dict, parity: dict, spec: dict) ->
             f"{stage.label} {stage.metric}: this project {run_list(stage, cai)}; TRL {run_list(stage, trl)}; "
             f"{cai[0]['mem_kind']}: this project {', '.join(fmt_mem(r['peak_mem_bytes']) for r in cai)}; "
             f"TRL {', '.join(fmt_mem(r['peak_mem_bytes']) for r in trl)}"
+            + (
+                f"; memory held when training starts (imports, model, data): this project {fmt_mem(at_start(cai))}, "
+                f"TRL {fmt_mem(at_start(trl))} (medians)"
+                if all(r.get("mem_at_train_start_bytes") for r in cai + trl)
+                else ""
+            )
         )
     return "\n".join(rows), runs
 
@@ -233,7 +250,10 @@ def build_table(stages: list[Stage], results: dict, parity: dict, spec: dict) ->
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--preset", choices=sorted(PRESETS), default="tiny", help="tiny (CPU, CI) or 0.5b (GPU, random Qwen2 0.5B)"
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="tiny (CPU, CI), small (CPU, compute-bound) or 0.5b (GPU, random Qwen2 0.5B)",
     )
     ap.add_argument("--stages", default="sft,rm,ppo", help="comma-separated subset of: sft, rm, ppo")
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per system and stage (median reported)")
@@ -252,6 +272,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PPO: this project with a separate critic started from the preference model (TRL's layout) instead of "
         "its default value head on the policy",
     )
+    ap.add_argument(
+        "--no_share_prompt",
+        action="store_true",
+        help="reward model: this project runs both whole texts of a pair (share_prompt=False), for the ablation",
+    )
     ap.add_argument("--layers", type=int, help="decoder layers of the model (preset default), e.g. to fit a device")
     ap.add_argument(
         "--threads",
@@ -268,7 +293,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--retries", type=int, default=3, help="re-runs of a run spoiled by other load")
     ap.add_argument("--retry_wait", type=float, default=10.0, help="seconds to wait before such a re-run")
     ap.add_argument("--attn", default="sdpa", help="attention implementation of both systems")
-    ap.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
+    ap.add_argument(
+        "--peak_tflops",
+        type=float,
+        help="peak of the device for the SFT model FLOPs utilisation row; default 989 (H100 bf16 dense) on a GPU, "
+        "no MFU row on a CPU unless given",
+    )
     ap.add_argument("--out", help="also write the Markdown table (and the single runs) to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (model, data, worker logs)")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -328,9 +358,10 @@ def main(argv: list[str] | None = None) -> None:
             "attn": args.attn,
             "max_grad_norm": 1.0,
             "seed": 0,
-            "peak_tflops": args.peak_tflops,
+            "peak_tflops": args.peak_tflops if args.peak_tflops is not None else (989.0 if device == "cuda" else None),
             "threads": threads,
             "parity_stages": [s.name for s in stages if not s.pending],
+            "share_prompt": not args.no_share_prompt,
             "parity_tol": 1e-5 if device == "cpu" else 1e-4,
         }
         spec_path = tmp / "spec.json"
@@ -349,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"lr {ppo['lr']:g}, this project with "
                 + ("a separate critic from the PM" if ppo["critic"] else "a value head on the policy")
             )
+        if "rm" in names and args.no_share_prompt:
+            header += "; reward model: this project without the shared prompt (share_prompt=False)"
         print(f"{header}; set-up {time.perf_counter() - t0:.1f}s; work dir {tmp}", flush=True)
         results: dict = {}
         discarded = 0

@@ -105,3 +105,10 @@ def test_table_medians_ratios_and_parity_cells():
     assert ppo[2] == "32" and ppo[3] == "8" and ppo[4] == "**4.00x**" and "speed met" in ppo[8]
     assert parity_ok(ppo[9]) and "test_loss_trl_parity.py" in ppo[9]
     assert len(runs) == 3
+    assert "training starts" not in runs[0]  # the fake runs carry no set-up memory
+
+    for r in results["sft"]["cai"] + results["sft"]["trl"]:
+        r["mem_at_train_start_bytes"] = 64 << 20
+    table, runs = bench.build_table(stages[:1], results, parity, {"device": "cpu", "peak_tflops": None})
+    assert "MFU" not in table  # no MFU row on a CPU unless a peak is given
+    assert "when training starts (imports, model, data): this project 64 MiB, TRL 64 MiB" in runs[0]
