@@ -17,10 +17,16 @@ def _compare_batches(ours: dict, theirs: dict, keys: tuple[str, ...]) -> str | N
 
 
 def _verdict(
-    values: dict[str, float], diffs: dict[str, float], inputs_differ: str | None, tol: float, note: str = ""
+    values: dict[str, float],
+    diffs: dict[str, float],
+    inputs_differ: str | None,
+    tol: float,
+    note: str = "",
+    what: str = "identical token ids",
 ) -> dict:
     worst = max(diffs.values())
     return {
+        "what": what,
         "equal": inputs_differ is None and worst <= tol,
         "max_abs_diff": worst,
         "diffs": diffs,
@@ -110,7 +116,50 @@ def parity_rm(spec: dict, n: int) -> dict:
     return _verdict(values, diffs, differ, spec["parity_tol"], note)
 
 
-PARITY = {"sft": parity_sft, "rm": parity_rm}
+def parity_ppo(spec: dict, n: int) -> dict:
+    """This project's PPO math against TRL 1.12.0's ``PPOTrainer.train`` on identical rollouts, end to end.
+
+    Inputs: 8 random rollouts in TRL's layout and of the run's shape (``ppo.batch_size`` responses of up to
+    ``ppo.new_tokens`` tokens, right-padded to random lengths), with the run's KL coefficient and clip range, k1
+    KL, gamma 1, lambda 0.95, no reward whitening. TRL's side is ``trl_ppo_reference`` (its lines transcribed; its
+    ``masked_whiten``/``masked_mean`` called). Ours: ``losses.per_token_rewards`` -> ``gae`` -> ``masked_whiten`` ->
+    ``policy_loss`` and ``value_loss``, given TRL's masks (TRL puts the score one slot past the response; here the
+    score slot is part of the mask, see docs/losses.md). ``n`` is unused: the rollouts have the PPO batch size.
+    """
+    import torch
+    from trl_ppo_reference import random_rollout, trl_losses, trl_rollout
+
+    from losses import gae, masked_whiten, per_token_rewards, policy_loss, value_loss
+
+    p = spec["ppo"]
+    kl, clip = p["kl_coef"], p["clip"]
+    diffs = dict.fromkeys(["rewards", "advantages", "returns", "policy loss", "value loss"], 0.0)
+    for seed in range(8):
+        x = random_rollout(seed, p["batch_size"], p["new_tokens"])
+        roll = trl_rollout(
+            x.logprobs, x.ref_logprobs, x.values, x.scores, x.sequence_lengths, kl, "k1", 1.0, 0.95, False
+        )
+        theirs = trl_losses(x.new_logprobs, x.vpred, roll, clip, clip)
+        response, extended = ~roll.padding_mask, ~roll.padding_mask_p1  # response tokens; plus TRL's score slot
+        rewards, _ = per_token_rewards(x.scores, roll.logprobs, roll.ref_logprobs, extended, kl, "k1")
+        advantages, returns = gae(rewards, roll.values, extended, gamma=1.0, lam=0.95)
+        advantages = masked_whiten(advantages, response)
+        pg, _ = policy_loss(x.new_logprobs, roll.logprobs, advantages, response, clip_range=clip)
+        vf, _ = value_loss(x.vpred, roll.values, returns, extended, clip_range=clip)
+        pairs = [(rewards, roll.rewards), (advantages * response, roll.advantages), (returns, roll.returns)]
+        pairs += [(pg, theirs.pg_loss), (vf, theirs.vf_loss)]
+        for name, (ours, trl) in zip(diffs, pairs):
+            diffs[name] = max(diffs[name], float(torch.as_tensor(ours - trl).abs().max()))
+    values = {"policy_loss_cai": float(pg), "policy_loss_trl": float(theirs.pg_loss)}
+    note = (
+        "on 8 random rollouts of the run's shape; differs by design: value model (ours a value head on the policy "
+        "by default, TRL a separate value model started from the PM), ours scores the last response token (TRL one "
+        "slot later; the same token here: no stop token), ours clips gradients at 1.0 (TRL's PPO never clips)"
+    )
+    return _verdict(values, diffs, None, spec["parity_tol"], note, what="identical rollouts")
+
+
+PARITY = {"sft": parity_sft, "rm": parity_rm, "ppo": parity_ppo}
 
 
 def run_parity(spec: dict) -> dict:

@@ -10,7 +10,8 @@ clipping at 1.0), precision, attention kernel and number of CPU threads:
 * PPO: ``cai.ppo.PPOModule`` + ``data.prompt_data.PromptDataModule`` against ``trl.experimental.ppo.PPOTrainer``
   on the built-in red_team prompts, with a tiny preference model (started from the policy) as reward model (and as
   TRL's value model); throughput in episodes (responses) per second over whole rollouts. Per-token rewards,
-  advantages and losses are checked against TRL's formulas in ``tests/losses/test_loss_trl_parity.py``.
+  advantages, returns and losses are checked against TRL's ``PPOTrainer.train`` math (``trl_ppo_reference.py``) on
+  identical random rollouts of the run's shape.
 
 Every measured run is a fresh process, so that its peak memory belongs to one system. Runs of the two systems are
 interleaved, the order flipping every repeat (cai-trl, trl-cai, cai-trl, ...), and each figure is the median of
@@ -19,10 +20,12 @@ Logging, checkpointing, evaluation and progress bars are off in both systems (ea
 bookkeeping it cannot switch off: ``self.log`` calls in this project's modules, TRL's per-step metrics). A parity
 check (float32, one batch of the same rows) compares the two systems' losses in the same invocation.
 
-Adding a stage: a ``Stage`` in ``STAGES``, workers ``{name}-cai`` and ``{name}-trl`` in
-``bench_lib.WORKERS`` that return ``WindowTimer.result()``, and a parity function in ``bench_lib.PARITY``.
+Adding a stage: a ``Stage`` in ``STAGES``, workers ``{name}-cai`` (``bench_cai.py``) and ``{name}-trl``
+(``bench_trl.py``) registered in ``bench_lib.workers`` that return ``WindowTimer.result()``, and a parity function
+in ``bench_parity.PARITY``.
 
     python scripts/bench_vs_trl.py --preset tiny --out bench_vs_trl.md
+    python scripts/bench_vs_trl.py --preset small         # compute-bound CPU model (3.2M parameters)
     python scripts/bench_vs_trl.py --preset 0.5b          # on a GPU: adds model FLOPs utilisation for SFT
 """
 
@@ -92,8 +95,6 @@ class Stage:
     """Speed-up over TRL the issue asks for (with no more peak memory)."""
     pending: str | None = None
     """Why the stage is not measured yet (None when it is)."""
-    parity_note: str | None = None
-    """Parity cell of a stage without a parity check in this script (where its parity is tested instead)."""
 
 
 STAGES = [
@@ -105,10 +106,6 @@ STAGES = [
         "episodes/s",
         "episodes",
         2.0,
-        parity_note="formulas equal in tests/losses/test_loss_trl_parity.py (per-token KL rewards, GAE, whitening, "
-        "clipped policy and value losses); differs by design: value model (ours a value head on the policy by default, "
-        "TRL a separate value model started from the PM), ours scores the last response token (TRL the last before "
-        "padding; same here: no stop token), ours clips gradients at 1.0 (TRL's PPO never clips)",
     ),
 ]
 
@@ -190,7 +187,7 @@ def parity_cell(p: dict | None) -> str:
     if not p["equal"]:
         what = f"inputs: {p['inputs']}" if p["inputs"] != "identical" else f"max abs diff {diffs}"
         return f"**differs** ({what})"
-    text = f"equal (identical token ids; max abs diff: {diffs})"
+    text = f"equal ({p.get('what', 'identical token ids')}; max abs diff: {diffs})"
     return f"{text}; {p['note']}" if p.get("note") else text
 
 
@@ -223,7 +220,7 @@ def build_table(stages: list[Stage], results: dict, parity: dict, spec: dict) ->
         rows.append(
             f"| {stage.label} | {stage.metric} | {fmt_num(speed_c)} | {fmt_num(speed_t)} | **{ratio:.2f}x** | "
             f"{fmt_mem(mem_c)} | {fmt_mem(mem_t)} | {mem_ratio:.2f}x | >= {stage.goal:g}x: {', '.join(met)} | "
-            f"{parity_cell(parity.get(stage.name)) if stage.name in parity else stage.parity_note or 'not checked'} |"
+            f"{parity_cell(parity.get(stage.name))} |"
         )
         if stage.name == "sft" and spec.get("peak_tflops"):
             peak = spec["peak_tflops"] * 1e12

@@ -89,7 +89,9 @@ def test_table_medians_ratios_and_parity_cells():
     parity = {
         "sft": {"equal": True, "diffs": {"loss": 1e-8}, "values": {}, "inputs": "identical", "note": ""},
         "rm": {"equal": False, "diffs": {"loss": 0.5}, "values": {}, "inputs": "identical", "note": ""},
-    }
+        "ppo": {"equal": True, "diffs": {"advantages": 1e-7}, "values": {}, "inputs": "identical", "note": "by design",
+                "what": "identical rollouts"},
+    }  # fmt: skip
     spec = {"device": "cuda", "peak_tflops": 1e-9}
     table, runs = bench.build_table(stages, results, parity, spec)
     rows = table_rows(table)
@@ -101,9 +103,9 @@ def test_table_medians_ratios_and_parity_cells():
     assert rm[2] == "8" and rm[3] == "4" and rm[5] == "1.00 GiB" and rm[7] == "0.50x"  # pairs/s = rows / 2 / s
     assert not parity_ok(rm[9]) and "differs" in rm[9]
     assert "MFU" in table  # on a GPU the SFT row has an MFU row below it
-    ppo = rows["PPO"]  # episodes/s = rows / s; parity tested elsewhere (the cell says where)
+    ppo = rows["PPO"]  # episodes/s = rows / s
     assert ppo[2] == "32" and ppo[3] == "8" and ppo[4] == "**4.00x**" and "speed met" in ppo[8]
-    assert parity_ok(ppo[9]) and "test_loss_trl_parity.py" in ppo[9]
+    assert parity_ok(ppo[9]) and ppo[9].startswith("equal (identical rollouts; max abs diff: advantages 1.0e-07)")
     assert len(runs) == 3
     assert "training starts" not in runs[0]  # the fake runs carry no set-up memory
 
