@@ -59,7 +59,8 @@ class PreferenceModule(HFModule):
         hf_out: Where the final model is saved (``ForSequenceClassification`` format); default ``<log_dir>/hf``.
         center_rewards_coef: Weight of the reward-centring term c·mean((r_c + r_r)²) (Eisenstein et al. 2023); 0 off.
         share_prompt: Run the tokens both texts of a pair start with once, through a KV cache, instead of once per
-            text (``PreferenceModel.forward_pairs``). Same result, less compute; off under gradient checkpointing.
+            text (``PreferenceModel.forward_pairs``). Same result, less compute; it turns itself off where it cannot
+            work (gradient checkpointing, FSDP, past a sliding window: ``PreferenceModel.can_share_prompt``).
     """
 
     def __init__(
