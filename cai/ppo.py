@@ -107,6 +107,9 @@ class LoraConfig:
     """Modules that get adapters."""
 
 
+torch.serialization.add_safe_globals([PPOConfig, LoraConfig])  # in PPOModule's hyperparameters (cai.training)
+
+
 class PPOModule(HFModule):
     """PPO with a value head (or a separate critic) against a frozen preference model and reference policy.
 

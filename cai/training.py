@@ -42,6 +42,11 @@ class OptimConfig:
     except under ``*-mixed`` precision, where Lightning refuses gradient clipping with a fused optimizer."""
 
 
+# The stages keep these configs in their hyperparameters, so checkpoints hold them; allowing them lets a run made
+# from Python (not the CLI, which stores plain dicts) resume under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([ModelConfig, OptimConfig])
+
+
 def make_adamw(params, cfg: OptimConfig, trainer=None) -> torch.optim.AdamW:
     """AdamW from ``cfg`` over ``params`` (``trainer`` decides ``fused=None``)."""
     from lightning.pytorch.plugins.precision import MixedPrecision

@@ -2,11 +2,54 @@
 
 from __future__ import annotations
 
+import warnings
+
 import datasets
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from models import load_tokenizer
+
+# torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates, once per epoch; nothing for a user to act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+
+
+def resumable_loader(
+    datamodule: L.LightningDataModule,
+    ds: datasets.Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    collate_fn,
+    drop_last: bool = False,
+) -> StatefulDataLoader:
+    """A DataLoader that a run resumed mid-epoch continues where it stopped, in the same order.
+
+    torchdata's ``StatefulDataLoader`` has ``state_dict``/``load_state_dict``, which Lightning saves in every
+    checkpoint, so a resumed run does not start its epoch again. On one process the shuffle is torchdata's stateful
+    ``RandomSampler`` with its own generator seeded by ``seed``, so the epochs after a resumption are also in the
+    uninterrupted run's order (a generator shared with the loader would also be drawn from for worker seeds, once more
+    per resumption). Across processes Lightning puts a ``DistributedSampler`` in its place, whose order depends only
+    on the seed and the epoch.
+    """
+    ds = ds.with_format(None)
+    trainer = getattr(datamodule, "trainer", None)
+    distributed = trainer is not None and trainer.world_size > 1
+    sampler = None
+    if shuffle and not distributed:
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+    return StatefulDataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+    )
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -43,17 +86,12 @@ class SplitDataModule(L.LightningDataModule):
         """Hook for changes that apply to training rows only, after a hold-out split."""
         return ds
 
-    def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            ds.with_format(None),
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=self.collator(),
-        )
+    def _loader(self, ds: datasets.Dataset, shuffle: bool) -> StatefulDataLoader:
+        h = self.hparams
+        return resumable_loader(self, ds, h.batch_size, shuffle, h.seed, h.num_workers, self.collator())
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)

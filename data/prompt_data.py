@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
+from data.base import resumable_loader
 from data.prompts import load_prompts_with_stats
 from models import load_tokenizer
 
@@ -36,6 +36,7 @@ class PromptDataModule(L.LightningDataModule):
         max_prompts: Use at most this many prompts.
         hold_out_last: Leave out the last N prompts (``cai eval`` takes its held-out prompts from the end).
         num_workers: DataLoader worker processes.
+        seed: Seed of the prompt order (``data.base.resumable_loader``: a resumed run continues it).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class PromptDataModule(L.LightningDataModule):
         max_prompts: int | None = None,
         hold_out_last: int = 0,
         num_workers: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -73,12 +75,8 @@ class PromptDataModule(L.LightningDataModule):
             f"tokens and {stats.skipped_empty} empty skipped"
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set.select_columns(["id", "prompt"]).with_format(None),
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=True,  # every rank and step sees a full batch: fixed shapes, equal work across ranks
-            num_workers=self.hparams.num_workers,
-            collate_fn=collate_prompts,
-        )
+    def train_dataloader(self):
+        h = self.hparams
+        ds = self.train_set.select_columns(["id", "prompt"])
+        # drop_last: every rank and step sees a full batch: fixed shapes, equal work across ranks
+        return resumable_loader(self, ds, h.batch_size, True, h.seed, h.num_workers, collate_prompts, drop_last=True)

@@ -65,3 +65,14 @@ def clean_env() -> dict:
     """The environment without torch.distributed variables, for launching a multi-process run from pytest."""
     drop = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK")
     return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def recording_letter_share(prompts: list[str], responses: list[str]) -> list[float]:
+    """``cai.rewards.letter_share``, which also appends each rollout's prompts (one line) to ``$CAI_PROMPT_LOG``."""
+    import json
+
+    from cai.rewards import letter_share
+
+    with open(os.environ["CAI_PROMPT_LOG"], "a") as f:
+        f.write(json.dumps(prompts) + "\n")
+    return letter_share(prompts, responses)

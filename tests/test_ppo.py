@@ -60,7 +60,8 @@ def test_ppo_learns_a_synthetic_reward(tiny_model_dir, tmp_path):
         f"ppo: mean score of the first 5 rollouts {start:.2f}, last 5 {end:.2f}; KL max {max(kl):.1f}, "
         f"last {kl[-1]:.1f}"
     )
-    assert end > start + 1.0, f"mean score {start:.2f} -> {end:.2f}"
+    # Over prompt orders (--data.seed 0-5) the rise was 0.61-2.00 (docs/results.md): every order rose by more than 0.5.
+    assert end > start + 0.5, f"mean score {start:.2f} -> {end:.2f}"
     assert all(torch.isfinite(torch.tensor(kl))) and max(kl) < 100, kl  # bounded by the β-penalty
     # The reference stays frozen, the policy moved.
     ref = module.frozen["ref"].state_dict()
@@ -103,9 +104,11 @@ def test_frozen_models_are_not_in_optimizer_or_checkpoint(tiny_model_dir, pm_dir
     assert "ppo_state" in ckpt and scalars(tmp_path, "objective/scores")
 
 
-def test_ppo_resumes_from_checkpoint(tiny_model_dir, tmp_path):
+def test_ppo_resumes_from_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     # Checkpoints every 3 rollouts (12 optimizer steps); resume a 5-rollout run from the one at rollout 3.
     extra = [
+        "--model.reward_function",
+        "helpers:recording_letter_share",  # logs each rollout's prompts to $CAI_PROMPT_LOG
         "--model.ppo.adaptive_kl",
         "true",
         "--model.ppo.target_kl_penalty",
@@ -116,15 +119,21 @@ def test_ppo_resumes_from_checkpoint(tiny_model_dir, tmp_path):
         '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
         '"init_args": {"every_n_train_steps": 12, "save_top_k": -1}}]',
     ]
+    monkeypatch.setenv("CAI_PROMPT_LOG", str(tmp_path / "prompts_a.jsonl"))
     full = cli_main(ppo_args(tiny_model_dir, tmp_path / "a", 5, *extra))
     ckpt = next((tmp_path / "a").rglob("*step=12.ckpt"))
     state = torch.load(ckpt, weights_only=False)
     assert state["ppo_state"]["rollouts_done"] == 3 and state["ppo_state"]["kl_ctl"]["value"] != 0.05
+    monkeypatch.setenv("CAI_PROMPT_LOG", str(tmp_path / "prompts_b.jsonl"))
     resumed = cli_main(ppo_args(tiny_model_dir, tmp_path / "b", 5, *extra, "--ckpt_path", str(ckpt)))
     assert resumed.model.rollouts_done == 5 and resumed.trainer.global_step == full.trainer.global_step == 20
     assert len(scalars(tmp_path / "b", "objective/scores")) == 2  # only rollouts 4 and 5 ran again
     betas = scalars(tmp_path / "b", "objective/kl_coef")
     assert betas[0] == pytest.approx(state["ppo_state"]["kl_ctl"]["value"])  # β continued, not reset
+    # The prompt loader resumed too: rollouts 4 and 5 drew the prompts they drew in the uninterrupted run.
+    prompts_a = (tmp_path / "prompts_a.jsonl").read_text().splitlines()
+    prompts_b = (tmp_path / "prompts_b.jsonl").read_text().splitlines()
+    assert len(prompts_a) == 5 and prompts_b == prompts_a[3:]
 
 
 def test_nan_reward_stops_with_checkpoint(tiny_model_dir, tmp_path):

@@ -2,15 +2,17 @@ import json
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-from cai.sft import cli_main
-from data.sft import IGNORE_INDEX, SFTCollator, tokenize_example
+from cai.sft import SFTModule, cli_main
+from data.sft import IGNORE_INDEX, SFTCollator, SFTDataModule, tokenize_example
 from helpers import base_args, clean_env, scalars
 from losses import sft_loss
-from models import load_tokenizer
+from models import ModelConfig, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,46 @@ def test_sft_resumes_from_checkpoint(tiny_model_dir, sft_file, tmp_path):
     assert torch.load(ckpt, weights_only=False)["global_step"] == 10
     cli = cli_main(base_args(tiny_model_dir, sft_file, tmp_path, 14) + ["--ckpt_path", str(ckpt)])
     assert cli.trainer.global_step == 14  # continued from 10, not restarted from 0
+
+
+class BatchRecorder(L.Callback):
+    """Keeps the input ids of the batch of every optimizer step (numbered from 1)."""
+
+    def __init__(self):
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen[trainer.global_step + 1] = batch["input_ids"].clone()
+
+
+def fit_and_record(model_dir, data, out, steps, ckpt_path=None) -> dict[int, torch.Tensor]:
+    recorder = BatchRecorder()
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
+        callbacks=[recorder, ModelCheckpoint(dirpath=out, every_n_train_steps=10, save_last=True)],
+    )
+    L.seed_everything(0)
+    data = SFTDataModule(train=str(data), tokenizer=str(model_dir), batch_size=8, max_length=64)
+    trainer.fit(SFTModule(ModelConfig(str(model_dir)), hf_out=str(out / "hf")), datamodule=data, ckpt_path=ckpt_path)
+    return recorder.seen
+
+
+def test_sft_resumed_mid_epoch_sees_the_batches_of_an_uninterrupted_run(tiny_model_dir, sft_file, tmp_path):
+    """44 training rows in batches of 8 make 6 steps an epoch: step 10 is mid-epoch, and 11-14 cross an epoch end."""
+    whole = fit_and_record(tiny_model_dir, sft_file, tmp_path / "whole", 14)
+    fit_and_record(tiny_model_dir, sft_file, tmp_path / "cut", 10)
+    resumed = fit_and_record(
+        tiny_model_dir, sft_file, tmp_path / "cut", 14, ckpt_path=str(tmp_path / "cut" / "last.ckpt")
+    )
+    assert sorted(resumed) == [11, 12, 13, 14]
+    for step in resumed:
+        assert torch.equal(resumed[step], whole[step]), f"step {step}: the resumed run trained on other rows"
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
