@@ -103,7 +103,12 @@ class PreferenceModule(HFModule):
 
     def _step(self, batch: dict[str, torch.Tensor]):
         r_c, r_r = self.model.forward_pairs(
-            batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"], self.share_prompt
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["response_ids"],
+            batch["response_mask"],
+            self.share_prompt,
+            batch["width"],
         )  # (B,), (B,)
         p = batch["p_chosen"]  # (B,)
         loss = soft_preference_loss(r_c, r_r, p, center_rewards_coef=self.center_rewards_coef or None)

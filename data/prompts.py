@@ -58,33 +58,12 @@ class PromptStats:
     """Rows left unread once ``max_prompts`` prompts were kept."""
 
 
-def load_prompts(
-    source: str | Path,
-    *,
-    prompt_column: str = "prompt",
-    split: str = "train",
-    id_column: str = "id",
-    max_prompts: int | None = None,
-    format: str = "auto",
-    max_chars: int | None = None,
-    keep_columns: Sequence[str] = (),
-    cache_dir: str | Path | None = None,
-) -> datasets.Dataset:
+def load_prompts(source: str | Path, **options) -> datasets.Dataset:
     """Load prompts as a dataset with columns ``id``, ``prompt`` and ``source``, logging how many were skipped.
 
-    The arguments are those of :func:`load_prompts_with_stats`.
+    ``options`` are the keyword arguments of :func:`load_prompts_with_stats`.
     """
-    dataset, stats = load_prompts_with_stats(
-        source,
-        prompt_column=prompt_column,
-        split=split,
-        id_column=id_column,
-        max_prompts=max_prompts,
-        format=format,
-        max_chars=max_chars,
-        keep_columns=keep_columns,
-        cache_dir=cache_dir,
-    )
+    dataset, stats = load_prompts_with_stats(source, **options)
     if stats.skipped_empty or stats.skipped_too_long:
         log.warning(
             "%s: skipped %d empty and %d over-long prompts", stats.source, stats.skipped_empty, stats.skipped_too_long

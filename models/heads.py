@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from models.loading import ModelConfig, disable_dropout, load_model, resolve_attn_implementation, resolve_dtype
+from models.loading import ModelConfig, load_model
 from models.logprobs import position_ids_from_mask
 
 
@@ -89,6 +89,7 @@ class PreferenceModel(nn.Module):
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         share_prompt: bool = True,
+        width: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (B,), (B,) of the chosen and rejected texts of B pairs, each pair's common prefix computed once.
 
@@ -105,6 +106,8 @@ class PreferenceModel(nn.Module):
                 row 2i + 1 its rejected text. Every row has at least one real token (the reward is read there).
             response_mask: (2B, R) 1 on real response tokens.
             share_prompt: Use the KV cache for the prefix when possible.
+            width: Length of the longest whole text (``PreferenceCollator`` gives it); None reads it from the masks,
+                which costs a device sync when the texts are run whole.
         """
         B, P = prompt_ids.shape
         mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask], dim=1)  # (2B, P + R)
@@ -125,9 +128,9 @@ class PreferenceModel(nn.Module):
         else:
             ids = torch.cat([prompt_ids.repeat_interleave(2, dim=0), response_ids], dim=1)  # (2B, P + R)
             # Whole texts, right-padded: move each row's real tokens to the front (a stable sort keeps their order)
-            # and drop the columns no row needs (one host sync), so no compute goes to padding between the parts.
+            # and drop the columns no row needs, so no compute goes to padding between the parts.
             order = torch.argsort(1 - mask, dim=1, stable=True)  # (2B, P + R)
-            width = int(mask.sum(1).max())
+            width = width if width is not None else int(mask.sum(1).max())
             ids, mask = ids.gather(1, order)[:, :width], mask.gather(1, order)[:, :width]  # (2B, T)
             hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             rewards = self._read(hidden, mask)  # (2B,)
@@ -158,14 +161,7 @@ class PreferenceModel(nn.Module):
         """Load a saved preference model (``ForSequenceClassification`` format) or start one from a causal LM."""
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-            seq = AutoModelForSequenceClassification.from_pretrained(
-                cfg.name_or_path,
-                dtype=resolve_dtype(cfg.dtype),
-                attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
-                trust_remote_code=cfg.trust_remote_code,
-                revision=cfg.revision,
-            )
-            disable_dropout(seq)
+            seq = load_model(cfg, auto_class=AutoModelForSequenceClassification)
             return cls(seq.base_model, seq.score)
         return cls(load_model(cfg).base_model)
 

@@ -100,17 +100,19 @@ def load_tokenizer(
     return tok
 
 
-def load_model(cfg: ModelConfig, **kwargs) -> PreTrainedModel:
-    """Load a causal LM from ``cfg`` through ``AutoModelForCausalLM.from_pretrained``.
+def load_model(cfg: ModelConfig, auto_class=AutoModelForCausalLM, **kwargs) -> PreTrainedModel:
+    """Load a causal LM (or another ``auto_class``) from ``cfg`` through ``auto_class.from_pretrained``.
 
     Dropout is switched off in the config: RLHF-style training compares log-probabilities of the same tokens under
     several passes, which dropout would make inconsistent (Ziegler et al. 2019 train without dropout too).
 
     Args:
         cfg: Where the model is and how to load it.
+        auto_class: The transformers Auto class, e.g. ``AutoModelForSequenceClassification`` for a saved preference
+            model.
         **kwargs: Passed on to ``from_pretrained`` (override anything above).
     """
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class.from_pretrained(
         cfg.name_or_path,
         dtype=resolve_dtype(cfg.dtype),
         attn_implementation=resolve_attn_implementation(cfg.attn_implementation),

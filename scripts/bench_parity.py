@@ -16,6 +16,14 @@ def _compare_batches(ours: dict, theirs: dict, keys: tuple[str, ...]) -> str | N
     return None
 
 
+def _first_batch(dm, n: int, device) -> dict:
+    """The data module's collated batch of its first ``n`` training rows, tensors on ``device``."""
+    import torch
+
+    batch = dm.collator()([dm.train_set[i] for i in range(n)])
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _verdict(
     values: dict[str, float],
     diffs: dict[str, float],
@@ -52,7 +60,7 @@ def parity_sft(spec: dict, n: int) -> dict:
     device = torch.device(spec["device"])
     dm = SFTDataModule(spec["data"]["sft_cai"], spec["data"]["sft_cai"], spec["model"], spec["seq_len"], n)
     dm.setup("fit")
-    ours = {k: v.to(device) for k, v in dm.collator()([dm.train_set[i] for i in range(n)]).items()}
+    ours = _first_batch(dm, n, device)
     trainer = make_trl_sft({**spec, "bf16": False})
     ds = trainer.train_dataset
     theirs = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(n)]))
@@ -87,7 +95,7 @@ def parity_rm(spec: dict, n: int) -> dict:
         spec["data"]["rm_cai"], spec["data"]["rm_cai"], spec["model"], True, spec["seq_len"], batch_size=n
     )
     dm.setup("fit")
-    ours = {k: v.to(device) for k, v in dm.collator()([dm.train_set[i] for i in range(n)]).items()}
+    ours = _first_batch(dm, n, device)
     trainer = make_trl_rm({**spec, "bf16": False})
     ds = trainer.train_dataset
     theirs = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(n)]))

@@ -49,7 +49,9 @@ def step_seconds(pm, batches, share: bool) -> float:
     """Seconds of forward and backward passes over ``batches``."""
     t0 = time.perf_counter()
     for b in batches:
-        r_c, r_r = pm.forward_pairs(b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"], share)
+        r_c, r_r = pm.forward_pairs(
+            b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"], share, b["width"]
+        )
         torch.nn.functional.logsigmoid(r_c - r_r).mean().neg().backward()
     pm.zero_grad(set_to_none=True)
     return time.perf_counter() - t0

@@ -16,29 +16,36 @@ def scalars(log_dir, tag):
     return [v for _, v in sorted(values)]
 
 
-def base_args(model_dir, data, out, steps):
+def run_args(config, model_dir, out):
+    """``fit`` with a stage's tiny config, a model, and every output (logs, checkpoints, HF export) under ``out``."""
     return [
         "fit",
         "--config",
-        "configs/sft/tiny.yaml",
+        config,
         "--model.model.name_or_path",
         str(model_dir),
-        "--data.train",
-        str(data),
-        "--trainer.max_steps",
-        str(steps),
         "--trainer.default_root_dir",
         str(out),
         "--trainer.logger.init_args.save_dir",
         str(out),
         "--model.hf_out",
         str(out / "hf"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+
+
+def base_args(model_dir, data, out, steps):
+    """SFT for ``steps`` steps on ``data``, logging every step and validating every 5."""
+    return run_args("configs/sft/tiny.yaml", model_dir, out) + [
+        "--data.train",
+        str(data),
+        "--trainer.max_steps",
+        str(steps),
         "--trainer.log_every_n_steps",
         "1",
         "--trainer.val_check_interval",
         "5",
-        "--trainer.enable_progress_bar",
-        "false",
     ]
 
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification
 
 from cai.pm import PreferenceModule, SoftCalibrationError, cli_main
 from data.preference import PreferenceCollator, tokenize_pair
-from helpers import scalars
+from helpers import run_args, scalars
 from models import ModelConfig, load_tokenizer
 from models.heads import PreferenceModel
 
@@ -39,30 +39,17 @@ def synthetic_pairs(path, n, seed, p_chosen):
 
 
 def pm_args(model_dir, train, val, out, steps, *extra):
-    return [
-        "fit",
-        "--config",
-        "configs/pm/tiny.yaml",
-        "--model.model.name_or_path",
-        str(model_dir),
+    return run_args("configs/pm/tiny.yaml", model_dir, out) + [
         "--data.train",
         str(train),
         "--data.val",
         str(val),
         "--trainer.max_steps",
         str(steps),
-        "--trainer.default_root_dir",
-        str(out),
-        "--trainer.logger.init_args.save_dir",
-        str(out),
-        "--model.hf_out",
-        str(out / "hf"),
         "--trainer.log_every_n_steps",
         "1",
         "--trainer.val_check_interval",
         str(steps),
-        "--trainer.enable_progress_bar",
-        "false",
         "--data.batch_size",
         "16",
         "--model.optim.lr",

@@ -115,6 +115,8 @@ def test_shared_prompt_gives_the_whole_text_rewards_and_gradients(arch_dir):
 
     unshared = pm.forward_pairs(*args, share_prompt=False)
     torch.testing.assert_close(torch.cat(unshared), whole, atol=1e-5, rtol=1e-5)
+    given_width = pm.forward_pairs(*args, share_prompt=False, width=batch["width"])  # the collator's, no device read
+    torch.testing.assert_close(torch.cat(given_width), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_no_sharing_under_gradient_checkpointing_or_past_a_sliding_window(tiny_model_dir):
@@ -149,6 +151,7 @@ def test_split_batches_never_cost_more_positions_than_whole_texts(pairs):
     ex = [{"chosen_ids": p + c, "rejected_ids": p + r, "p_chosen": 1.0} for p, c, r in pairs]
     batch = PreferenceCollator(pad_token_id=0)(ex)
     whole, _ = join_pairs(batch, 0)
+    assert batch["width"] == whole.shape[1]  # the longest whole text
     assert batch["prompt_ids"].numel() + batch["response_ids"].numel() <= whole.numel()
     assert (batch["response_mask"].sum(1) >= 1).all()
     for i, e in enumerate(ex):  # the split loses nothing

@@ -7,29 +7,13 @@ from transformers import AutoModelForCausalLM
 
 from cai.pm import PreferenceModule  # noqa: F401  (imported so the module is importable in CI)
 from cai.ppo import cli_main
-from helpers import clean_env, scalars
+from helpers import clean_env, run_args, scalars
 from models import ModelConfig
 from models.heads import PreferenceModel
 
 
 def ppo_args(policy, out, rollouts, *extra, reward="cai.rewards:letter_share"):
-    args = [
-        "fit",
-        "--config",
-        "configs/ppo/tiny.yaml",
-        "--model.model.name_or_path",
-        str(policy),
-        "--model.ppo.total_rollouts",
-        str(rollouts),
-        "--trainer.default_root_dir",
-        str(out),
-        "--trainer.logger.init_args.save_dir",
-        str(out),
-        "--model.hf_out",
-        str(out / "hf"),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
+    args = run_args("configs/ppo/tiny.yaml", policy, out) + ["--model.ppo.total_rollouts", str(rollouts)]
     if reward:
         args += ["--model.preference_model", "null", "--model.reward_function", reward]
     return args + list(extra)
