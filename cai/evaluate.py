@@ -7,7 +7,7 @@ crowdworkers, here an AI feedback model stands in). The steps:
 1. every model answers the held-out prompts (one response each) -> ``responses.jsonl``;
 2. the preference model scores every response (mean and std per model and prompt set);
 3. the feedback model compares every pair of models' responses to each prompt with the paper's multiple-choice query
-   (``cai.feedback.plain_query``), in both orders, averaged to cancel position bias -> ``comparisons.jsonl``;
+   (``data.formats.feedback_question``), in both orders, averaged to cancel position bias -> ``comparisons.jsonl``;
    red-team prompts are judged by a harmlessness principle, helpful prompts by a helpfulness principle;
 4. win rates and Elo scores (``cai.elo``) per prompt set; optionally the feedback model's accuracy on the paper's
    438 HHH comparisons (``cai.eval_feedback``).
@@ -36,8 +36,8 @@ from cai.constitution import FeedbackPrinciple, load_constitution
 from cai.elo import bootstrap_elo, fit_elo, win_rates
 from cai.feedback import FeedbackConfig, FeedbackScorer
 from cai.generation import Generator, SamplingConfig
+from data.formats import PromptFormat
 from data.jsonl import ResumableJsonl
-from data.preference import transcript
 from data.prompts import load_prompts
 from losses import normalize_choice_logprobs
 from models import ModelConfig, load_model, load_tokenizer, resolve_device
@@ -109,13 +109,16 @@ def generate_responses(
 
 
 @torch.no_grad()
-def pm_scores(pm_dir: str, records: list[dict], batch_size: int, dev: str, dtype: str) -> list[float]:
+def pm_scores(
+    pm_dir: str, records: list[dict], batch_size: int, dev: str, dtype: str, prompt_format: str = "auto"
+) -> list[float]:
     """The preference model's reward of each response record (texts cut from the left to the model's length)."""
     from models.heads import PreferenceModel
 
     pm = PreferenceModel.from_pretrained(ModelConfig(pm_dir, dtype=dtype)).to(dev).eval()
     tok = load_tokenizer(pm_dir, padding_side="right")
-    texts = [transcript(r["prompt"], r["response"]) for r in records]
+    fmt = PromptFormat(tok, prompt_format)  # the conversation as the preference model was trained on it
+    texts = [fmt.text(r["prompt"], r["response"]) for r in records]
     scores = pm.score_texts(tok, texts, batch_size).tolist()
     del pm
     _free()
@@ -267,7 +270,8 @@ def judge(
         tok = load_tokenizer(path, padding_side="left")
         model = load_model(ModelConfig(path, dtype=cfg["dtype"])).to(cfg["device"]).eval()
         fb = FeedbackConfig(num_few_shot=cfg["num_few_shot"], both_orders=True, batch_size=cfg["batch_size"])
-        compare_all(FeedbackScorer(model, tok, const, fb), pairs, store, path)
+        scorer = FeedbackScorer(model, tok, const, fb, prompt_format=cfg["prompt_format"])
+        compare_all(scorer, pairs, store, path)
         del model
         _free()
     done = {c["key"]: c for c in store.read()}
@@ -308,7 +312,8 @@ def run(
         num_prompts: Prompts per set: the last ones of each source, held out from training.
         exclude: JSONL files of training records (``sl_data/records.jsonl``, ``label/records.jsonl``); prompts that
             occur in them are never used for evaluation.
-        sampling: How each model samples its response (one per prompt; ``num_samples`` is ignored).
+        sampling: How each model samples its response (one per prompt; ``num_samples`` is ignored). Its
+            ``prompt_format`` is also how the preference model and the feedback model read the conversations.
         constitution: Where principle ids and the feedback few-shot examples come from.
         harmless_principle: Principle for red-team comparisons: a feedback principle id of ``constitution``, or
             the principle's text; None uses ``HARMLESS_PRINCIPLE``.
@@ -342,7 +347,8 @@ def run(
         generate_responses(label, path, rows, store, sampling, dev, dtype)
     by_key = {r["key"]: r for r in store.read()}
     responses = [by_key[f"{m}/{r['set']}/{r['id']}"] for m in labels for r in rows]
-    scores = pm_scores(preference_model, responses, batch_size, dev, dtype) if preference_model else None
+    fmt = sampling.prompt_format
+    scores = pm_scores(preference_model, responses, batch_size, dev, dtype, fmt) if preference_model else None
     const = load_constitution(constitution)
     principles = {
         "red_team": resolve_principle(const, harmless_principle, HARMLESS_PRINCIPLE, "harmlessness"),
@@ -350,7 +356,7 @@ def run(
     }
     feedback_model = feedback_model or models[labels[0]]
     cfg = {"constitution": const, "feedback_model": feedback_model, "dtype": dtype, "device": dev}
-    cfg |= {"num_few_shot": feedback_num_few_shot, "batch_size": batch_size}
+    cfg |= {"num_few_shot": feedback_num_few_shot, "batch_size": batch_size, "prompt_format": fmt}
     comps_store = ResumableJsonl(out_dir / "comparisons.jsonl", key="key")
     comps = judge(labels, rows, by_key, principles, cfg, comps_store) if len(labels) > 1 else []
     sets = {}

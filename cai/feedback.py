@@ -6,59 +6,49 @@ of them), are normalised into the probability that (A) is the better response. I
 model first writes its reasoning ("Let's think step by step:") and the options are scored after it; the paper then
 clamps the probability to [0.4, 0.6] because such labels are otherwise too confident (sec. 4.1).
 
-The query formats follow the paper's published files: the plain one is the format of the 438 HHH evaluations, the
-chain-of-thought one that of ``RLMadisonPrecogFewShotPrompts.json`` (with ``{}`` where the principle goes).
+The question texts live in ``data.formats`` with every other prompt string: in transcript form they are the paper's
+published formats (the plain one that of the 438 HHH evaluations, the chain-of-thought one that of
+``RLMadisonPrecogFewShotPrompts.json``); in chat form the question is a user turn and the answer an assistant turn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 
-from cai.constitution import Constitution, FeedbackExample, frame_feedback_principle
+from cai.constitution import Constitution, FeedbackExample
 from cai.generation import Generator, SamplingConfig
+from data.formats import (
+    DEFAULT_PRINCIPLE,
+    OPTIONS,
+    PromptFormat,
+    cot_question,
+    cot_shot_parts,
+    feedback_question,
+    question_body,
+)
 from losses import clamp_probabilities, normalize_choice_logprobs
-from models.logprobs import continuation_logprobs
-
-OPTIONS = (" (A)", " (B)")
-DEFAULT_PRINCIPLE = "Please choose the response that is the most helpful, honest, and harmless."
-COT_ANSWER = "\n\nHuman:\nSo the answer is:"
+from models.logprobs import choice_logprobs
 
 
-def plain_query(prompt: str, principle: str, response_a: str, response_b: str) -> str:
-    """The multiple-choice query that ends with "The answer is:" (``principle``: bare text)."""
-    return (
-        f"\n\nConsider the following conversation between a human and an assistant:\n\nHuman: {prompt.strip()}\n\n"
-        f"{frame_feedback_principle(principle)}\n (A) [[[{response_a.strip()}]]]\n (B) [[[{response_b.strip()}]]]"
-        "\n\nThe answer is:"
-    )
+def few_shot_pair(example: FeedbackExample, index: int) -> tuple[str, str]:
+    """A labelled few-shot example as (question, answer).
 
-
-def cot_query(prompt: str, principle: str, response_a: str, response_b: str) -> str:
-    """The chain-of-thought query that ends with "Let's think step by step:" for the model to continue."""
-    return (
-        "\n\nHuman: Consider the following conversation between a human (H) and an assistant (A):\n\n"
-        f"H: {prompt.strip()}\n\n{frame_feedback_principle(principle).strip()}\n (A) [[[{response_a.strip()}]]]\n"
-        f" (B) [[[{response_b.strip()}]]]\n\nAssistant: Let's think step by step:"
-    )
-
-
-def few_shot_text(example: FeedbackExample, index: int) -> str:
-    """A labelled few-shot example as text.
-
-    Paper-style examples (a conversation with whole correct and incorrect responses) become multiple-choice
-    queries, the correct answer alternating between (A) and (B).
+    Multiple-choice examples keep their question and first correct option. Paper-style examples (a conversation with
+    whole correct and incorrect responses) become multiple-choice questions, the correct answer alternating between
+    (A) and (B).
     """
     if example.is_multiple_choice:
-        return example.prompt + example.corrects[0]
+        return question_body(example.prompt), example.corrects[0]
     conversation = example.prompt.strip()
     if conversation.endswith("Assistant:"):
         conversation = conversation[: -len("Assistant:")].strip()
     conversation = conversation.removeprefix("Human:").strip()
     good, bad = example.corrects[0], example.incorrects[0]
     a, b, answer = (good, bad, OPTIONS[0]) if index % 2 == 0 else (bad, good, OPTIONS[1])
-    return plain_query(conversation, DEFAULT_PRINCIPLE, a, b) + answer
+    return feedback_question(conversation, DEFAULT_PRINCIPLE, a, b), answer
 
 
 @dataclass
@@ -81,7 +71,7 @@ class FeedbackConfig:
     cot_max_new_tokens: int = 128
     """Length limit of the reasoning; reasoning that hits it is unparseable and falls back to plain scoring."""
     batch_size: int = 8
-    """Rows per scoring forward pass."""
+    """Questions per scoring forward pass (each is read once for both options)."""
 
 
 class FeedbackScorer:
@@ -93,26 +83,27 @@ class FeedbackScorer:
         constitution: Feedback principles and few-shot examples.
         cfg: Feedback settings.
         cot_sampling: Sampling settings of the chain-of-thought reasoning (greedy by default).
+        prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``): how the question is laid out.
     """
 
-    def __init__(self, model, tokenizer, constitution: Constitution, cfg: FeedbackConfig, cot_sampling=None):
+    def __init__(
+        self, model, tokenizer, constitution: Constitution, cfg: FeedbackConfig, cot_sampling=None, prompt_format="auto"
+    ):
         self.model, self.tok, self.const, self.cfg = model, tokenizer, constitution, cfg
-        shots = constitution.feedback_few_shot
-        shots = shots if cfg.num_few_shot is None else shots[: cfg.num_few_shot]
-        self.context = "".join(few_shot_text(ex, i) for i, ex in enumerate(shots))
-        cot = constitution.feedback_cot_few_shot
-        self.cot_shots = cot if cfg.num_few_shot is None else cot[: cfg.num_few_shot]
+        self.format = PromptFormat(tokenizer, prompt_format)
+        self.shots = [few_shot_pair(ex, i) for i, ex in enumerate(constitution.feedback_few_shot[: cfg.num_few_shot])]
+        self.cot_shots = constitution.feedback_cot_few_shot[: cfg.num_few_shot]
         self.cot_sampling = cot_sampling or SamplingConfig(
-            max_new_tokens=cfg.cot_max_new_tokens, temperature=0.0, stop=["\n\nHuman:"], prompt_format="raw"
+            max_new_tokens=cfg.cot_max_new_tokens, temperature=0.0, stop=self.format.stop_strings("cot")
         )
+        self.cot_sampling = replace(self.cot_sampling, prompt_format="raw")  # the prompts come rendered
         self.option_ids = [self.tok(o, add_special_tokens=False)["input_ids"] for o in OPTIONS]
 
     def _option_logprobs(self, contexts: list[str]) -> list[tuple[float, float]]:
+        # Each context runs once; its keys and values are reused for " (A)" and " (B)" (models.logprobs).
         ids = self.tok(contexts, add_special_tokens=False)["input_ids"]
-        ctx = [c for c in ids for _ in OPTIONS]  # each context twice: once per option
-        cont = [o for _ in ids for o in self.option_ids]
-        lp = continuation_logprobs(self.model, ctx, cont, self.tok.pad_token_id, self.cfg.batch_size)
-        return list(zip(lp[0::2], lp[1::2]))
+        lp = choice_logprobs(self.model, ids, self.option_ids, self.tok.pad_token_id, self.cfg.batch_size)
+        return [(a, b) for a, b in lp]
 
     def score(self, items: list[dict]) -> list[dict]:
         """Probability that ``response_a`` is better, for each item {prompt, response_a, response_b, principles}.
@@ -130,8 +121,8 @@ class FeedbackScorer:
         for i, pid, swapped in jobs:
             it, text = items[i], self.const.get_feedback(pid).text
             a, b = (it["response_b"], it["response_a"]) if swapped else (it["response_a"], it["response_b"])
-            queries.append((plain_query(it["prompt"], text, a, b), cot_query(it["prompt"], text, a, b), text))
-        contexts = [self.context + q[0] for q in queries]
+            queries.append((feedback_question(it["prompt"], text, a, b), cot_question(it["prompt"], text, a, b), text))
+        contexts = [self.format.feedback_context(self.shots, q[0]) for q in queries]
         if self.cfg.chain_of_thought:
             contexts = self._with_reasoning(queries, contexts, cot_texts, fallback)
         pairs = self._option_logprobs(contexts)
@@ -151,10 +142,7 @@ class FeedbackScorer:
 
     def _with_reasoning(self, queries, plain_contexts, cot_texts, fallback) -> list[str]:
         """Generate the reasoning; contexts for scoring the answer after it (or the plain ones where it failed)."""
-        prompts = [
-            "".join(s.replace("{}", frame_feedback_principle(q[2]).strip()) for s in self.cot_shots) + q[1]
-            for q in queries
-        ]
+        prompts = [self.format.cot_prompt([cot_shot_parts(s, q[2]) for s in self.cot_shots], q[1]) for q in queries]
         gens = Generator(self.model, self.tok, self.cot_sampling).generate(prompts)
         contexts = []
         for j, (prompt, g) in enumerate(zip(prompts, gens)):
@@ -164,5 +152,12 @@ class FeedbackScorer:
                 fallback[j] = True
                 contexts.append(plain_contexts[j])
             else:
-                contexts.append(f"{prompt} {g.text}{COT_ANSWER}")
+                contexts.append(self.format.cot_answer_context(prompt, g.text))
+        if fallback and sum(fallback) > len(fallback) / 2:
+            print(
+                f"WARNING: chain-of-thought: {sum(fallback)} of {len(fallback)} reasonings were empty or cut off and "
+                "fell back to plain scoring (their labels are the clamped plain ones; raise cot_max_new_tokens or "
+                "use a stronger feedback model)",
+                file=sys.stderr,
+            )
         return contexts

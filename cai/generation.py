@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-Prompt = str | list[dict]
+from data.formats import ANSWER_STOPS, Prompt, PromptFormat
 
 
 @dataclass
@@ -39,11 +39,17 @@ class SamplingConfig:
     """Responses per prompt."""
     batch_size: int = 16
     """Prompts per forward batch (each expands to ``batch_size * num_samples`` rows)."""
-    stop: list[str] = field(default_factory=lambda: ["\n\nHuman:"])
-    """Stop strings: a response ends at the first of them, which is cut from its text."""
-    prompt_format: Literal["transcript", "chat", "raw"] = "transcript"
-    """``transcript``: "\\n\\nHuman: ...\\n\\nAssistant:" as in Bai et al. (2022); ``chat``: the tokenizer's chat
-    template; ``raw``: the prompt string as given (used for few-shot critique and feedback prompts)."""
+    repetition_penalty: float = 1.0
+    """Divide the logits of tokens already in the text by this (> 1 discourages loops; 1 = off). Small instruct models
+    fall into repetition loops without it."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this size (0 = off)."""
+    stop: list[str] = field(default_factory=lambda: list(ANSWER_STOPS))
+    """Stop strings: a response ends at the first of them, which is cut from its text. The format's end-of-turn and
+    EOS tokens always stop a response too."""
+    prompt_format: Literal["auto", "chat", "transcript", "raw"] = "auto"
+    """How a prompt is laid out (``data.formats``): ``auto`` (the chat template when the tokenizer has one, else the
+    paper's transcript), ``chat``, ``transcript``, or ``raw`` (the prompt string is already rendered)."""
     seed: int = 0
     """Seed of the sampling; the same prompts, settings and seed give the same responses."""
 
@@ -63,20 +69,12 @@ class Generation:
 
 
 def format_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> str:
-    """Render a prompt (a string or chat ``messages``) as the text the model continues."""
-    if prompt_format == "chat" or not isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if prompt_format != "chat":  # chat messages in transcript form
-            turns = {"user": "Human", "assistant": "Assistant"}
-            return "".join(f"\n\n{turns.get(m['role'], m['role'])}: {m['content']}" for m in messages) + (
-                "\n\nAssistant:"
-            )
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if prompt_format == "transcript":
-        return f"\n\nHuman: {prompt.strip()}\n\nAssistant:"
+    """Render a prompt (a string or chat ``messages``) as the text the model continues (``raw``: as given)."""
     if prompt_format == "raw":
+        if not isinstance(prompt, str):
+            raise ValueError("prompt_format=raw needs rendered prompt strings, not chat messages")
         return prompt
-    raise ValueError(f"prompt_format must be transcript, chat or raw, not {prompt_format!r}")
+    return PromptFormat(tokenizer, prompt_format).prompt(prompt)
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -96,6 +94,8 @@ class Generator:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: SamplingConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        # EOS and the chat template's end-of-turn token end a response whatever format the prompt is in.
+        self.stop_ids = PromptFormat(tokenizer, "auto").stop_token_ids()
 
     def _hf_config(self, cfg: SamplingConfig) -> transformers.GenerationConfig:
         sample = cfg.temperature > 0
@@ -105,18 +105,14 @@ class Generator:
             temperature=cfg.temperature if sample else None,
             top_p=cfg.top_p if sample else None,
             top_k=cfg.top_k if sample else None,
+            repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty != 1.0 else None,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size or None,
             num_return_sequences=cfg.num_samples,
             stop_strings=cfg.stop or None,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids or self.tokenizer.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
         )
-
-    def prompt_token_counts(self, prompts: Sequence[Prompt], prompt_format: str | None = None) -> list[int]:
-        """Number of tokens of each formatted prompt (to filter over-long prompts before generating)."""
-        fmt = prompt_format or self.config.prompt_format
-        texts = [format_prompt(p, self.tokenizer, fmt) for p in prompts]
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     @torch.no_grad()
     def generate(
@@ -162,15 +158,16 @@ class Generator:
 
     def _make(self, prompt_ids: list[int], seq: list[int], cfg: SamplingConfig) -> Generation:
         tok = self.tokenizer
-        eos, pad = tok.eos_token_id, tok.pad_token_id
+        pad = tok.pad_token_id
         # Rows that finished early are padded with pad tokens after EOS (or after the stop string).
         end = len(seq)
-        while end > 0 and seq[end - 1] == pad and pad != eos:
+        while end > 0 and seq[end - 1] == pad and pad not in self.stop_ids:
             end -= 1
         seq = seq[:end]
         finished = end < cfg.max_new_tokens
-        if eos in seq:
-            seq, finished = seq[: seq.index(eos) + 1], True
+        stop_at = next((i for i, t in enumerate(seq) if t in self.stop_ids), None)
+        if stop_at is not None:
+            seq, finished = seq[: stop_at + 1], True
         text = tok.decode(seq, skip_special_tokens=True)
         for s in cfg.stop:
             if s in text:

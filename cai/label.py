@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from cai.constitution import load_constitution
 from cai.feedback import FeedbackConfig, FeedbackScorer
 from cai.generation import Generator, SamplingConfig
 from cai.sl_data import PromptSources, load_prompt_mix
+from data.formats import PromptFormat
 from data.jsonl import ResumableJsonl
 from models import ModelConfig, load_model, load_tokenizer, resolve_device
 
@@ -93,9 +95,12 @@ def run(
     store = ResumableJsonl(out_dir / "records.jsonl")
     todo = [r for r in rows if r["id"] not in store.done]
     print(f"label: {len(rows)} prompts, {len(rows) - len(todo)} already done, {len(todo)} to go -> {out_dir}")
+    if sampling.prompt_format == "raw":
+        raise ValueError("label: sampling.prompt_format must be auto, chat or transcript (prompts are rendered here)")
+    tok = load_tokenizer(policy.tokenizer or policy.name_or_path, padding_side="left")
+    fmt = PromptFormat(tok, sampling.prompt_format)  # checked before any work
     if todo:
         dev = resolve_device(device)
-        tok = load_tokenizer(policy.tokenizer or policy.name_or_path, padding_side="left")
         policy_model = load_model(policy).to(dev)
         gen = Generator(policy_model, tok, replace(sampling, num_samples=2))
         scorers = []
@@ -103,7 +108,7 @@ def run(
             same = fm.name_or_path == policy.name_or_path
             model = policy_model if same else load_model(fm).to(dev)  # one copy when the policy labels itself
             ftok = tok if same else load_tokenizer(fm.tokenizer or fm.name_or_path, padding_side="left")
-            scorers.append(FeedbackScorer(model, ftok, const, feedback))
+            scorers.append(FeedbackScorer(model, ftok, const, feedback, prompt_format=sampling.prompt_format))
         k = min(feedback.num_principles, len(const.feedback))
         start = time.time()
         with tqdm(total=len(todo), desc="label", unit="prompt") as bar:
@@ -124,7 +129,8 @@ def run(
                 for j, (r, it) in enumerate(zip(chunk, items)):
                     details = [s[j] for s in scored]
                     p_a = aggregate([d["p_a"] for d in details], ensemble)
-                    records.append(make_record(r, it["response_a"], it["response_b"], p_a, it["principles"], details))
+                    rec = make_record(r, it["response_a"], it["response_b"], p_a, it["principles"], details)
+                    records.append(rec | {"finished_a": pairs[j][0].finished, "finished_b": pairs[j][1].finished})
                 store.write(records)
                 bar.update(len(chunk))
         print(f"label: {len(todo)} prompts in {time.time() - start:.1f}s")
@@ -133,11 +139,28 @@ def run(
     write_pairs(records, out_dir / "pairs")
     p = [r["p_chosen"] for r in records]
     fallbacks = sum(d["cot_fallbacks"] for r in records for d in r["feedback"])
+    judgements = sum(len(d["logprobs"]) for r in records for d in r["feedback"])
+    warnings = []
+    if feedback.chain_of_thought and judgements and fallbacks > judgements / 2:
+        warnings.append(
+            f"{fallbacks} of {judgements} chain-of-thought reasonings fell back to plain scoring (empty or cut off): "
+            "these labels are clamped plain labels, not chain-of-thought ones"
+        )
+    ties = sum(r["p_chosen"] == 0.5 for r in records)
+    if records and ties > len(records) / 2:
+        warnings.append(f"{ties} of {len(records)} labels are exactly 0.5: the feedback model expresses no preference")
+    for w in warnings:
+        print(f"WARNING: label: {w}", file=sys.stderr)
     summary = {
         "prompts": len(rows),
         "pairs": len(records),
         **counts,
         "cot_fallbacks": fallbacks,
+        "cot_judgements": judgements if feedback.chain_of_thought else 0,
+        "ties": ties,
+        "unfinished_responses": sum(not r.get(k, True) for r in records for k in ("finished_a", "finished_b")),
+        "prompt_format": fmt.kind,
+        "warnings": warnings,
         "identical_pairs": sum(r["response_a"] == r["response_b"] for r in records),
         "mean_p_chosen": sum(p) / len(p) if p else None,
         "chain_of_thought": feedback.chain_of_thought,

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from models import resolve_model_source
+from models.gguf import import_model
 from models.tiny import TinyModelConfig, make_tiny_model
 
 HHH_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "anthropic-cai" / "evals" / "438HHHEvaluations.jsonl"
@@ -88,12 +90,16 @@ def run(
     ppo: dict | None = None,
     evaluate: dict | None = None,
     hhh_evals: str | None = None,
+    hhh_max_examples: int | None = None,
+    prompt_format: str = "auto",
 ) -> Path:
     """Run every stage that is not done yet, write the report, and print where the outputs are.
 
     Args:
         run_dir: Folder that receives every stage's output.
-        base_model: The model to align (directory or hub id); None builds a tiny random model (offline demo).
+        base_model: The model to align: a directory, a hub id, a ``.gguf`` file or ``package:NAME`` (a GGUF file
+            shipped in a Python package, imported once into ``run_dir/base_model``); None builds a tiny random model
+            (the offline demo).
         tiny: Tiny model settings, used when ``base_model`` is None.
         sl_data: Arguments of ``cai sl-data`` (as in configs/sl_data/*.yaml); paths are set here.
         sft: A LightningCLI config of ``cai sft fit`` (as in configs/sft/*.yaml); paths are set here.
@@ -103,6 +109,9 @@ def run(
         evaluate: Arguments of ``cai eval``; the models compared and paths are set here.
         hhh_evals: The paper's 438 HHH comparisons (JSONL) for the feedback model's accuracy; default: the copy in
             ``../shared/anthropic-cai`` beside the checkout when it exists; ``none`` to skip.
+        hhh_max_examples: Evaluate only the first N HHH comparisons (each is scored in both orders); None for all.
+        prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``), set for every stage so that a
+            conversation is laid out the same way in sampling, SFT, labelling, the preference model, PPO and eval.
     """
     from cai import eval_feedback
     from cai import label as label_stage
@@ -125,8 +134,11 @@ def run(
         ppo=ppo,
         evaluate=evaluate,
         hhh_evals=hhh_evals,
+        hhh_max_examples=hhh_max_examples,
+        prompt_format=prompt_format,
     )
     (rd / "pipeline.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    fmt = prompt_format
     hhh = None if hhh_evals == "none" else hhh_evals or (str(HHH_DEFAULT) if HHH_DEFAULT.exists() else None)
     log: list[dict] = []
     start = time.time()
@@ -140,23 +152,41 @@ def run(
     base = base_model or str(rd / "base_model")
     if base_model is None and stage("base model (tiny, random)", rd / "base_model" / "config.json"):
         make_tiny_model(base, tiny)
+    if base_model is not None and resolve_model_source(base_model).gguf_file is not None:
+        # A GGUF file (or one shipped in a package) is de-quantized once into a plain HF folder: every later load
+        # then takes a fraction of a second instead of ~10 s, and the stages' exports can copy its tokenizer.
+        base = str(rd / "base_model")
+        if stage(f"base model (imported from {base_model})", rd / "base_model" / "config.json"):
+            import_model(base_model, base)
 
     if stage("SL-CAI critique-revision data", rd / "sl_data" / "summary.json"):
-        cfg = _deep_merge(sl_data or {}, {"out": str(rd / "sl_data"), "model": {"name_or_path": base}})
+        fixed = {"out": str(rd / "sl_data"), "model": {"name_or_path": base}, "sampling": {"prompt_format": fmt}}
+        cfg = _deep_merge(sl_data or {}, fixed)
         run_function_stage(sl_stage.run, cfg, "cai sl-data")
 
     sl_cai = rd / "sft" / "hf"
     if stage("SFT: the SL-CAI model", sl_cai / "model.safetensors"):
         run_lightning_stage(
-            sft_cli, sft or {}, rd / "sft", {"model": {"name_or_path": base}}, {"train": str(rd / "sl_data" / "sft")}
+            sft_cli,
+            sft or {},
+            rd / "sft",
+            {"model": {"name_or_path": base}},
+            {"train": str(rd / "sl_data" / "sft"), "prompt_format": fmt},
         )
 
     if stage("response pairs and AI preference labels", rd / "label" / "summary.json"):
-        cfg = _deep_merge(label or {}, {"out": str(rd / "label"), "policy": {"name_or_path": str(sl_cai)}})
+        fixed = {"out": str(rd / "label"), "policy": {"name_or_path": str(sl_cai)}, "sampling": {"prompt_format": fmt}}
+        cfg = _deep_merge(label or {}, fixed)
         run_function_stage(label_stage.run, cfg, "cai label")
 
     if hhh and stage("feedback model on the 438 HHH comparisons", rd / "eval_feedback" / "metrics.json"):
-        eval_feedback.run(model=_model(str(sl_cai)), evals=hhh, out=str(rd / "eval_feedback"))
+        eval_feedback.run(
+            model=_model(str(sl_cai)),
+            evals=hhh,
+            out=str(rd / "eval_feedback"),
+            max_examples=hhh_max_examples,
+            prompt_format=fmt,
+        )
 
     pm_hf = rd / "pm" / "hf"
     if stage("preference model", pm_hf / "model.safetensors"):
@@ -165,12 +195,13 @@ def run(
             pm or {},
             rd / "pm",
             {"model": {"name_or_path": str(sl_cai)}},
-            {"train": str(rd / "label" / "pairs")},
+            {"train": str(rd / "label" / "pairs"), "prompt_format": fmt},
         )
 
     rl_cai = rd / "ppo" / "hf"
     if stage("PPO: the RL-CAI model", rl_cai / "model.safetensors"):
         model_fields = {"model": {"name_or_path": str(sl_cai)}, "preference_model": {"name_or_path": str(pm_hf)}}
+        model_fields["prompt_format"] = fmt
         run_lightning_stage(ppo_cli, ppo or {}, rd / "ppo", model_fields, {})
 
     models = {"base": base, "sl-cai": str(sl_cai), "rl-cai": str(rl_cai)}
@@ -186,6 +217,7 @@ def run(
                 "preference_model": str(pm_hf),
                 "feedback_model": str(sl_cai),
                 "hhh_evals": None,
+                "sampling": {**evaluate.get("sampling", {}), "prompt_format": fmt},
                 # A true hold-out: prompts any training stage saw are skipped.
                 "exclude": [str(rd / "sl_data" / "records.jsonl"), str(rd / "label" / "records.jsonl")],
             },

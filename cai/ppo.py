@@ -12,6 +12,7 @@ the run length is ``total_rollouts``.
 from __future__ import annotations
 
 import importlib
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from cai.training import HFModule, OptimConfig, lr_lambda, make_adamw, run_cli
-from data.preference import transcript
-from data.prompt_data import PromptDataModule, transcript_prompt
+from data.formats import PromptFormat
+from data.prompt_data import PromptDataModule
 from losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -53,8 +54,8 @@ class PPOConfig:
     total_rollouts: int = 100
     """Training steps (rollouts) to run; each makes ``ppo_epochs * num_minibatches`` optimizer steps."""
     max_new_tokens: int = 32
-    """Response length. Generation always runs this many steps (EOS is applied afterwards), so every rank makes
-    the same number of forward calls, which sharded models need."""
+    """Response length at most. A response ends at EOS or the prompt format's end-of-turn token; generation stops
+    once every row has ended (under FSDP all ranks keep stepping together until every rank is done)."""
     temperature: float = 1.0
     """Sampling temperature; log-probabilities are computed at the same temperature."""
     top_k: int = 0
@@ -125,6 +126,11 @@ class PPOModule(HFModule):
         lora: Train LoRA adapters instead of all weights.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         hf_out: Where the final policy is saved in Hugging Face format; default ``<log_dir>/hf``.
+        prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``): how prompts are shown to the policy
+            and conversations to the preference model; the same as in SFT and the preference model's training.
+        log_samples_every: Every this many rollouts, log a few prompts, responses and scores (TensorBoard text and
+            ``samples.jsonl`` in the log folder); 0 = never.
+        log_samples: How many samples to log each time.
     """
 
     def __init__(
@@ -139,6 +145,9 @@ class PPOModule(HFModule):
         lora: LoraConfig | None = None,
         gradient_checkpointing: bool = False,
         hf_out: str | None = None,
+        prompt_format: str = "auto",
+        log_samples_every: int = 10,
+        log_samples: int = 4,
     ):
         super().__init__(model, optim or OptimConfig(lr=1e-6, schedule="constant"), gradient_checkpointing, hf_out)
         if (preference_model is None) == (reward_function is None):
@@ -176,6 +185,8 @@ class PPOModule(HFModule):
         super().configure_model()  # policy (+ value head), sharded under ModelParallelStrategy
         if first:
             self.tokenizer = load_tokenizer(self.model_cfg.tokenizer or self.model_cfg.name_or_path, "left")
+            self.format = PromptFormat(self.tokenizer, self.hparams.prompt_format)
+            self.stop_ids = self.format.stop_token_ids()
             if self.ref_cfg is not None:
                 self.frozen["ref"] = load_model(self.ref_cfg)
             elif self.lora is None:
@@ -183,6 +194,7 @@ class PPOModule(HFModule):
             if self.pm_cfg is not None:
                 self.frozen["pm"] = PreferenceModel.from_pretrained(self.pm_cfg)
                 self.pm_tokenizer = load_tokenizer(self.pm_cfg.tokenizer or self.pm_cfg.name_or_path, "right")
+                self.pm_format = PromptFormat(self.pm_tokenizer, self.hparams.prompt_format)
             else:
                 module, fn = self.hparams.reward_function.split(":")
                 self.reward_fn = getattr(importlib.import_module(module), fn)
@@ -221,20 +233,31 @@ class PPOModule(HFModule):
         """Sample responses, then score them: log-probs, reference log-probs, values, preference scores."""
         c, tok = self.cfg, self.tokenizer
         t0 = time.perf_counter()
-        query = tok([transcript_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        query = tok([self.format.prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
         q_ids, q_mask = left_pad(query, tok.pad_token_id, self.device)  # (B, P)
+        # Sharded weights are gathered in every forward call, so under FSDP all ranks step together until the last
+        # rank's rows have ended (synced_gpus); DDP ranks generate independently.
+        sharded = self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, DDPStrategy)
         self.model.lm.eval()
         seq = self.model.lm.generate(
-            input_ids=q_ids, attention_mask=q_mask, max_new_tokens=c.max_new_tokens,
-            do_sample=True, temperature=c.temperature, top_k=c.top_k or None, top_p=None,
-            eos_token_id=None, pad_token_id=tok.pad_token_id, use_cache=True,
-        )  # fmt: skip  # (B, P + N): EOS does not stop generation, so all ranks run N steps
+            input_ids=q_ids,
+            attention_mask=q_mask,
+            max_new_tokens=c.max_new_tokens,
+            do_sample=True,
+            temperature=c.temperature,
+            top_k=c.top_k or None,
+            top_p=None,
+            eos_token_id=self.stop_ids,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+            synced_gpus=sharded,
+        )  # (B, P + N); rows that ended early are padded
         self.model.lm.train()
         t_gen = time.perf_counter() - t0
         resp = seq[:, q_ids.shape[1] :]  # (B, N)
-        is_eos = resp == tok.eos_token_id  # (B, N)
-        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # (B, N) strictly after the first EOS
-        r_mask = (~after_eos).long()  # (B, N) response tokens up to and including the first EOS
+        is_stop = torch.isin(resp, torch.tensor(self.stop_ids, device=resp.device))  # (B, N) EOS or end-of-turn
+        after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # (B, N) strictly after the first stop token
+        r_mask = (~after_stop).long()  # (B, N) response tokens up to and including the first stop token
         ids, mask = seq, torch.cat([q_mask, r_mask], 1)  # (B, P + N)
         n = resp.shape[1]
         logp, values, _ = self._forward(ids, mask, n)  # (B, N) each
@@ -245,7 +268,7 @@ class PPOModule(HFModule):
                 ref_logp = last_token_logprobs(self.model.lm, ids, mask, n, c.temperature)
         texts = tok.batch_decode(resp * r_mask + tok.pad_token_id * (1 - r_mask), skip_special_tokens=True)
         scores = self.score(prompts, texts)  # (B,)
-        has_eos = is_eos.any(1)  # (B,)
+        has_eos = is_stop.any(1)  # (B,) the response ended rather than ran out of tokens
         if c.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - c.missing_eos_penalty)
         return {"ids": ids, "mask": mask, "r_mask": r_mask, "logp": logp, "ref_logp": ref_logp, "values": values,
@@ -255,7 +278,8 @@ class PPOModule(HFModule):
         """Preference-model scores (B,) of the transcripts, or the reward function's."""
         if "pm" not in self.frozen:
             return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32, device=self.device)
-        texts = [transcript(p, r) for p, r in zip(prompts, responses)]
+        # The conversation as the preference model was trained on it: the same format, end-of-turn included.
+        texts = [self.pm_format.text(p, r) for p, r in zip(prompts, responses)]
         return self.frozen["pm"].score_texts(self.pm_tokenizer, texts, batch_size=len(texts))  # one forward pass
 
     # ----------------------------------------------------------------------------------------- training step
@@ -306,6 +330,7 @@ class PPOModule(HFModule):
         self.kl_ctl.update(mean_kl.item(), n_steps=n_rows * self.trainer.world_size)
         self.rollouts_done += 1
         self._log(ro, kl_sum, beta, stats, returns, m, time.perf_counter() - t0)
+        self._log_samples(batch["prompt"], ro)
         if self.rollouts_done >= c.total_rollouts:
             self.trainer.should_stop = True
 
@@ -325,6 +350,30 @@ class PPOModule(HFModule):
             "perf/generation_share": ro["t_gen"] / step_time, "perf/rollouts": float(self.rollouts_done),
         }, prog_bar=False, sync_dist=True, on_step=True)  # fmt: skip
         self.log("objective/scores_pb", ro["scores"].mean(), prog_bar=True, logger=False)
+
+    def _log_samples(self, prompts: list[str], ro: dict) -> None:
+        """A few prompts, responses and scores of this rollout: what the policy writes, not only what it scores."""
+        every, k = self.hparams.log_samples_every, self.hparams.log_samples
+        if not every or (self.rollouts_done - 1) % every:
+            return
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank
+        if not self.trainer.is_global_zero:
+            return
+        rows = [
+            {"rollout": self.rollouts_done, "prompt": p, "response": r, "score": round(s, 4), "ended": bool(e)}
+            for p, r, s, e in zip(prompts[:k], ro["texts"][:k], ro["scores"][:k].tolist(), ro["has_eos"][:k].tolist())
+        ]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):  # TensorBoard: the TEXT tab, one entry per logged rollout
+            text = "\n\n---\n\n".join(
+                f"**prompt:** {r['prompt']}\n\n**response:** {r['response']}\n\n"
+                f"**score:** {r['score']:.3f} ({'ended' if r['ended'] else 'cut off'})"
+                for r in rows
+            )
+            experiment.add_text("samples", text, global_step=self.rollouts_done)
 
     def _check_finite(self, step: str, **tensors: torch.Tensor) -> None:
         """Stop with a clear message (after saving a checkpoint) when a score, KL or loss is NaN or infinite."""

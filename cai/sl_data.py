@@ -12,6 +12,12 @@ with the same command continues where it stopped.
 Each round restarts from "Human: prompt / Assistant: latest response" rather than appending all earlier rounds to
 one growing context (the paper's transcripts grow); the model is asked the same thing and the context stays bounded.
 
+Every text is laid out by ``data.formats.PromptFormat``: the paper's transcript for base models, the chat template
+(critique and revision requests as user turns) for instruct models. A response that runs to ``max_new_tokens``
+without ending is *unfinished*: a cut-off revision is not used as an answer (the latest finished response stays the
+final one), and a record whose final response is unfinished is left out of the SFT split unless
+``keep_unfinished`` is set; ``summary.json`` counts both.
+
 Run as ``cai sl-data --config configs/sl_data/tiny.yaml``.
 """
 
@@ -27,17 +33,12 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from cai.constitution import Constitution, frame_critique_request, frame_revision_request, load_constitution
+from cai.constitution import Constitution, load_constitution
 from cai.generation import Generator, SamplingConfig
+from data.formats import PromptFormat
 from data.jsonl import ResumableJsonl
 from data.prompts import load_prompts_with_stats, mix_prompts
 from models import ModelConfig, load_model, load_tokenizer, resolve_device
-
-STOP = ["\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:", "\n\nCritique:", "\n\nRevision:"]
-# Extra wording of the critique styles the seed recipe names. "plain" uses the principle's request as written.
-STRONG_SUFFIX = " Be thorough and specific: point out every problem, however small, and say why it matters."
-COT_SUFFIX = " Think step by step: is the response helpful, is it honest, is it harmless, and is it free of toxicity?"
-COT_CRITIQUE_START = " Let's think step by step."
 
 
 @dataclass
@@ -77,21 +78,11 @@ class CritiqueConfig:
     """Few-shot dialogues put in front of each critique/revision prompt; None for all of the constitution's."""
     seed: int = 0
     """Seed of the principle sampling (per prompt and round, so a resumed run samples the same principles)."""
-
-
-def _few_shot_context(constitution: Constitution, n: int | None) -> str:
-    shots = constitution.critique_few_shot if n is None else constitution.critique_few_shot[:n]
-    return "".join("\n\n" + s.strip() for s in shots)
-
-
-def _critique_prompt(context: str, prompt: str, response: str, request: str, style: str) -> str:
-    suffix = {"plain": "", "strong": STRONG_SUFFIX, "cot": COT_SUFFIX}[style]
-    start = COT_CRITIQUE_START if style == "cot" else ""
-    return f"{context}\n\nHuman: {prompt}\n\nAssistant: {response}{frame_critique_request(request + suffix)}{start}"
-
-
-def _revision_prompt(critique_prompt: str, critique: str, request: str) -> str:
-    return f"{critique_prompt} {critique}{frame_revision_request(request)}"
+    keep_unfinished: bool = False
+    """Treat responses that never ended (cut at ``max_new_tokens``) as answers. Off (the default for real models):
+    a cut-off revision does not replace the latest finished response, and a record whose final response is cut off
+    stays in ``records.jsonl`` with ``finished: false`` but is not trained on, since SFT would teach the model to stop
+    mid-sentence. On: the old behaviour, for random models that never end a text."""
 
 
 def critique_revise(
@@ -115,46 +106,70 @@ def critique_revise(
     Returns:
         One record per row, in order.
     """
-    answer_cfg = replace(sampling, stop=STOP, num_samples=1)
+    fmt = PromptFormat(gen.tokenizer, sampling.prompt_format)
+    stats.setdefault("empty_revisions", 0)
+    stats.setdefault("unfinished_revisions", 0)
 
-    def seeded(step: str) -> SamplingConfig:
+    def seeded(step: str, stops: str) -> SamplingConfig:
         # A fresh seed per call: reusing one seed for every call would correlate the samples of different rounds.
         # Keyed by the chunk's first id, so a resumed run draws the same numbers for the same chunk.
         key = zlib.crc32(f"{sampling.seed}/{rows[0]['id']}/{step}".encode())
-        return replace(answer_cfg, seed=key, prompt_format=sampling.prompt_format if step == "initial" else "raw")
+        # The initial answer is a prompt for the format to render; critiques and revisions come rendered already.
+        how = sampling.prompt_format if step == "initial" else "raw"
+        return replace(sampling, seed=key, num_samples=1, stop=fmt.stop_strings(stops), prompt_format=how)
 
-    initial = gen.generate([r["prompt"] for r in rows], seeded("initial"))
+    initial = gen.generate([r["prompt"] for r in rows], seeded("initial", "critique"))
     records = []
     for r, g in zip(rows, initial):
-        text = g[0].text
         records.append(
             {
                 "id": r["id"],
                 "kind": r["kind"],
                 "prompt": r["prompt"],
-                "initial_response": text,
+                "initial_response": g[0].text,
+                "initial_finished": g[0].finished,
                 "rounds": [],
-                "final_response": text,
+                "final_response": g[0].text,
+                "finished": g[0].finished and bool(g[0].text),
             }
         )
-    context = _few_shot_context(constitution, cfg.num_few_shot)
+    shots = (
+        constitution.critique_few_shot
+        if cfg.num_few_shot is None
+        else constitution.critique_few_shot[: cfg.num_few_shot]
+    )
     todo = [rec for rec in records if rec["kind"] == "red_team"]
     for k in range(cfg.rounds):
         principles = [
             constitution.sample_critique(random.Random(f"{cfg.seed}/{rec['id']}/{k}")) for rec in todo
         ]  # seeded per prompt and round: the same on resume, whatever the batching
         c_prompts = [
-            _critique_prompt(context, rec["prompt"], rec["final_response"], p.critique_request, cfg.style)
+            fmt.critique_prompt(shots, rec["prompt"], rec["final_response"], p.critique_request, cfg.style)
             for rec, p in zip(todo, principles)
         ]
-        critiques = [g[0].text for g in gen.generate(c_prompts, seeded(f"critique{k}"))]
-        r_prompts = [_revision_prompt(cp, c, p.revision_request) for cp, c, p in zip(c_prompts, critiques, principles)]
-        revisions = [g[0].text for g in gen.generate(r_prompts, seeded(f"revision{k}"))]
+        critiques = [g[0] for g in gen.generate(c_prompts, seeded(f"critique{k}", "critique"))]
+        r_prompts = [
+            fmt.revision_prompt(cp, c.text, p.revision_request) for cp, c, p in zip(c_prompts, critiques, principles)
+        ]
+        revisions = [g[0] for g in gen.generate(r_prompts, seeded(f"revision{k}", "critique"))]
         for rec, p, c, rev in zip(todo, principles, critiques, revisions):
-            if not rev:  # keep the last non-empty response rather than training on an empty one
+            rec["rounds"].append(
+                {
+                    "principle_id": p.id,
+                    "critique": c.text,
+                    "critique_finished": c.finished,
+                    "revision": rev.text,
+                    "revision_finished": rev.finished,
+                }
+            )
+            # An empty revision is never an answer; a cut-off one only with keep_unfinished. Otherwise the latest
+            # good response stays the final one.
+            if not rev.text:
                 stats["empty_revisions"] += 1
-            rec["rounds"].append({"principle_id": p.id, "critique": c, "revision": rev})
-            rec["final_response"] = rev or rec["final_response"]
+            elif rev.finished or cfg.keep_unfinished:
+                rec["final_response"], rec["finished"] = rev.text, rev.finished
+            else:
+                stats["unfinished_revisions"] += 1
     for rec in records:
         rec["messages"] = [
             {"role": "user", "content": rec["prompt"]},
@@ -189,7 +204,7 @@ def load_prompt_mix(src: PromptSources) -> tuple[list[dict], dict]:
 
 
 def write_sft_split(records: list[dict], out: Path) -> Path:
-    """Save the (prompt, final revision) pairs as a ``datasets`` directory for SFT."""
+    """Save the (prompt, final revision) pairs as a ``datasets`` directory for SFT (the caller picks the records)."""
     from datasets import Dataset
 
     ds = Dataset.from_list(
@@ -239,10 +254,11 @@ def run(
     store = ResumableJsonl(out_dir / "records.jsonl")
     todo = [r for r in rows if r["id"] not in store.done]
     print(f"sl-data: {len(rows)} prompts, {len(rows) - len(todo)} already done, {len(todo)} to go -> {out_dir}")
-    stats = {"empty_revisions": 0}
+    stats = {"empty_revisions": 0, "unfinished_revisions": 0}
+    tok = load_tokenizer(model.tokenizer or model.name_or_path, padding_side="left")
+    fmt = PromptFormat(tok, sampling.prompt_format)  # checked before any work
     if todo:
         dev = resolve_device(device)
-        tok = load_tokenizer(model.tokenizer or model.name_or_path, padding_side="left")
         gen = Generator(load_model(model).to(dev), tok, sampling)
         start = time.time()
         with tqdm(total=len(todo), desc="sl-data", unit="prompt") as bar:
@@ -253,13 +269,21 @@ def run(
         print(f"sl-data: {len(todo)} prompts in {time.time() - start:.1f}s")
     done = {r["id"]: r for r in store.read()}
     records = [done[r["id"]] for r in rows if r["id"] in done]
-    write_sft_split(records, out_dir / "sft")
+    train = [r for r in records if critique.keep_unfinished or r.get("finished", True)]
+    write_sft_split(train, out_dir / "sft")
+    rounds = [rd for r in records for rd in r["rounds"]]
     summary = {
         "prompts": len(rows),
         "records": len(records),
+        "sft_examples": len(train),
+        "unfinished_records": sum(not r.get("finished", True) for r in records),
+        "unfinished_initial_responses": sum(not r.get("initial_finished", True) for r in records),
+        "unfinished_critiques": sum(not rd.get("critique_finished", True) for rd in rounds),
+        "unfinished_revisions": sum(bool(rd["revision"]) and not rd.get("revision_finished", True) for rd in rounds),
+        "empty_revisions": sum(not rd["revision"] for rd in rounds),
+        "prompt_format": fmt.kind,
         "rounds": critique.rounds,
         **counts,
-        **stats,
         "constitution": const.name,
         "model": model.name_or_path,
         "repaired_partial_line": store.repaired,

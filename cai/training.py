@@ -201,6 +201,8 @@ def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataMod
     The data's tokenizer is linked to the model's, so it is written once in a config. The CLI (jsonargparse and its
     helpers) is imported here, not with this module, so that importing a stage costs only what training needs.
     """
+    import inspect
+
     from lightning.pytorch.cli import LightningCLI
 
     class CAICLI(LightningCLI):
@@ -208,5 +210,7 @@ def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataMod
             parser.link_arguments(
                 ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n
             )
+            if "prompt_format" in inspect.signature(module.__init__).parameters:  # PPO: the policy's format rules
+                parser.link_arguments("model.prompt_format", "data.prompt_format")
 
     return CAICLI(module, datamodule, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})

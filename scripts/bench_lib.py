@@ -101,14 +101,15 @@ def write_data(model_dir: Path, out: Path, n_rows: int, seq_len: int, seed: int 
     are ``seq_len`` tokens, rejected ones 0-15 tokens shorter, so every batch is ``seq_len`` wide and only rejected
     rows are padded (which the parity check needs in order to test where the reward is read).
 
-    This project's files hold the bare prompt and responses (``data.sft`` and ``data.preference`` add the
-    "\\n\\nHuman: ...\\n\\nAssistant:" frame); TRL's hold the framed prompt, and TRL appends the EOS token itself.
-    Our preference responses end with the EOS text so that both systems see the same ids (TRL reads the reward at
-    the EOS token; ours reads it at the last real token, which is then the same token).
+    This project's files hold the bare prompt and responses (``data.formats`` lays them out in the tiny model's
+    chat template, "\\n\\nHuman: ...\\n\\nAssistant: ..." closed by EOS); TRL's hold the framed prompt, and TRL
+    appends the EOS token itself. Both systems therefore see the same ids (TRL reads the reward at the EOS token;
+    ours reads it at the last real token, which is the same token).
 
     Returns:
         Paths of ``sft_cai``, ``sft_trl``, ``rm_cai`` and ``rm_trl`` (JSONL).
     """
+    from data.formats import PromptFormat
     from data.preference import tokenize_pair
     from data.sft import tokenize_example
     from models import load_tokenizer
@@ -135,9 +136,10 @@ def write_data(model_dir: Path, out: Path, n_rows: int, seq_len: int, seed: int 
         completion = _exact_words(rng, words, cost, seq_len - n_p, n_response)
         chosen = _exact_words(rng, words, cost, seq_len - n_p, n_response)
         rejected = _exact_words(rng, words, cost, seq_len - n_p - rng.randrange(16), n_response)
-        pair = {"prompt": prompt, "chosen": chosen + EOS_TEXT, "rejected": rejected + EOS_TEXT}
-        sft_ids = tokenize_example({"prompt": prompt, "completion": completion}, tok, seq_len + 1)["input_ids"]
-        if len(sft_ids) != seq_len or len(tokenize_pair(pair, tok, seq_len + 1, True)["chosen_ids"]) != seq_len:
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        fmt = PromptFormat(tok)
+        sft_ids = tokenize_example({"prompt": prompt, "completion": completion}, fmt, seq_len + 1)["input_ids"]
+        if len(sft_ids) != seq_len or len(tokenize_pair(pair, fmt, seq_len + 1, True)["chosen_ids"]) != seq_len:
             raise RuntimeError(f"a synthetic row is not {seq_len} tokens long")
         rows["sft_cai"].append({"prompt": prompt, "completion": completion})
         rows["sft_trl"].append({"prompt": frame.format(prompt), "completion": " " + completion})
@@ -308,12 +310,14 @@ def build_preference_model(model_dir: Path, out: Path) -> Path:
 
 
 def ppo_prompts(spec: dict) -> list[str]:
-    """The built-in red_team prompts in transcript form, the same list (and order) in both systems."""
-    from data.prompt_data import transcript_prompt
+    """The built-in red_team prompts as this project's PPO renders them, the same list (and order) in both systems."""
+    from data.formats import PromptFormat
     from data.prompts import load_prompts_with_stats
+    from models import load_tokenizer
 
     ds, _ = load_prompts_with_stats("red_team")
-    return [transcript_prompt(p) for p in ds["prompt"]]
+    fmt = PromptFormat(load_tokenizer(spec["model"]))
+    return [fmt.prompt(p) for p in ds["prompt"]]
 
 
 class RolloutTimer(WindowTimer):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from data.formats import PromptFormat
 from data.preference import PreferenceCollator, join_pairs, shared_prefix_length, tokenize_pair
 from data.sft import load_any_dataset
 from models import ModelConfig, load_tokenizer
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         model = args.model or str(make_tiny_model(Path(tmp) / "small", TinyModelConfig(overrides=SMALL)))
         tok = load_tokenizer(model, padding_side="right")
         source = args.hhh or args.data
-        examples = [tokenize_pair(r, tok, args.max_length, True, source) for r in read_pairs(args)]
+        examples = [tokenize_pair(r, PromptFormat(tok), args.max_length, True, source) for r in read_pairs(args)]
         collate = PreferenceCollator(tok.pad_token_id)
         batches = [collate(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
 

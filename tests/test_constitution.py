@@ -9,12 +9,10 @@ from cai.constitution import (
     PAPER_FILES,
     Constitution,
     ConstitutionError,
-    frame_critique_request,
-    frame_feedback_principle,
-    frame_revision_request,
     load_constitution,
     load_paper_constitution,
 )
+from data.formats import frame_critique_request, frame_feedback_principle, frame_revision_request
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "shared" / "anthropic-cai" / "prompts"
 

@@ -9,14 +9,13 @@ import yaml
 
 import cai.feedback as feedback_mod
 from cai.constitution import load_constitution
-from cai.eval_feedback import evaluate
-from cai.eval_feedback import run as eval_feedback
-from cai.feedback import OPTIONS, FeedbackConfig, FeedbackScorer, plain_query
+from cai.feedback import FeedbackConfig, FeedbackScorer
 from cai.generation import Generation, SamplingConfig
 from cai.label import aggregate
 from cai.label import run as label
 from cai.sl_data import PromptSources
-from helpers import kill_after_lines
+from data.formats import OPTIONS, cot_question, feedback_question
+from helpers import kill_after_lines, slow_logprob
 from models import ModelConfig
 
 
@@ -29,14 +28,6 @@ def label_run(model_dir, out, **feedback):
         feedback=FeedbackConfig(num_few_shot=1, cot_max_new_tokens=6, **feedback),
         chunk_size=4,
     )
-
-
-def slow_logprob(model, tok, context, option):
-    ids = tok(context, add_special_tokens=False)["input_ids"]
-    opt = tok(option, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        lp = torch.log_softmax(model(torch.tensor([ids + opt])).logits[0].float(), -1)
-    return sum(lp[len(ids) - 1 + j, t].item() for j, t in enumerate(opt))
 
 
 def test_label_end_to_end_plain(tiny_model_dir, tmp_path):
@@ -92,8 +83,9 @@ def test_chain_of_thought_reads_the_answer_after_the_reasoning(tiny_model, tiny_
     assert res["cot_fallbacks"] == 0 and res["cot"][0].startswith("(B) is kinder")
     assert 0.45 <= res["p_a"] <= 0.55
     lp = res["logprobs"][0]
-    prompt = feedback_mod.cot_query("Hi", const.feedback[0].text, "Go away.", "Hello!")
-    context = f"{prompt} {res['cot'][0]}{feedback_mod.COT_ANSWER}"
+    prompt = scorer.format.cot_prompt([], cot_question("Hi", const.feedback[0].text, "Go away.", "Hello!"))
+    context = scorer.format.cot_answer_context(prompt, res["cot"][0])
+    assert context.endswith("So the answer is:") and "(B) is kinder" in context
     assert lp["A"] == pytest.approx(slow_logprob(tiny_model, tiny_tokenizer, context, OPTIONS[0]), abs=1e-4)
 
 
@@ -107,7 +99,8 @@ def test_options_are_scored_by_teacher_forcing(tiny_model, tiny_tokenizer):
         "principles": [const.feedback[1].id],
     }
     lp = scorer.score([item])[0]["logprobs"][0]
-    context = scorer.context + plain_query(item["prompt"], const.feedback[1].text, "No.", "Call a locksmith.")
+    question = feedback_question(item["prompt"], const.feedback[1].text, "No.", "Call a locksmith.")
+    context = scorer.format.feedback_context(scorer.shots, question)
     assert context.endswith("The answer is:") and "[[[Call a locksmith.]]]" in context
     assert lp["A"] == pytest.approx(slow_logprob(tiny_model, tiny_tokenizer, context, " (A)"), abs=1e-4)
     assert lp["B"] == pytest.approx(slow_logprob(tiny_model, tiny_tokenizer, context, " (B)"), abs=1e-4)
@@ -142,30 +135,3 @@ def test_label_resumes_after_kill(tiny_model_dir, tmp_path):
     ids = [json.loads(x)["id"] for x in open(records)]
     assert len(ids) == 40 and len(set(ids)) == 40
     assert [json.loads(x) for x in open(records)][: len(first)] == first  # earlier records untouched
-
-
-def test_eval_feedback_on_the_438_hhh_comparisons(tiny_model_dir, shared_cai, tmp_path):
-    path = shared_cai / "evals" / "438HHHEvaluations.jsonl"
-    metrics = eval_feedback(model=ModelConfig(str(tiny_model_dir)), evals=str(path), out=str(tmp_path))
-    preds = [json.loads(x) for x in open(tmp_path / "predictions.jsonl")]
-    assert metrics["examples"] == len(preds) == sum(1 for _ in open(path))
-    assert metrics["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds))
-    assert 0 <= metrics["expected_calibration_error"] <= 1 and metrics["chance_accuracy"] == pytest.approx(0.5)
-    assert (tmp_path / "reliability.png").stat().st_size > 5000
-
-
-def test_eval_feedback_picks_the_likelier_answer(tiny_model, tiny_tokenizer, tmp_path):
-    rows = [
-        {"prompt": "Which is it? The answer is:", "corrects": [" (A)"], "incorrects": [" (B)", " (C)"]},
-        {"prompt": "Pick one. The answer is:", "corrects": [" yes"], "incorrects": [" no"]},
-    ]
-    res = evaluate(tiny_model, tiny_tokenizer, rows)["rows"]
-    for r, out in zip(rows, res):
-        cands = r["corrects"] + r["incorrects"]
-        slow = [slow_logprob(tiny_model, tiny_tokenizer, r["prompt"], c) for c in cands]
-        assert out["pred"] == max(range(len(cands)), key=lambda i: slow[i])
-        assert out["correct"] == (out["pred"] == 0) and sum(out["probs"]) == pytest.approx(1.0)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "x", "corrects": " (A)", "incorrects": []}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: 'corrects' must be a list"):
-        eval_feedback(model=ModelConfig(str(tmp_path)), evals=str(bad))

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from cai.pm import PreferenceModule, SoftCalibrationError, cli_main
+from data.formats import PromptFormat
 from data.preference import PreferenceCollator, tokenize_pair
 from helpers import run_args, scalars
 from models import ModelConfig, load_tokenizer
@@ -68,20 +69,25 @@ def test_soft_calibration_error_by_hand():
 def test_pair_tokenization_and_collation(tiny_tokenizer):
     ex = tokenize_pair(
         {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "p_chosen": 0.7},
-        tiny_tokenizer,
+        PromptFormat(tiny_tokenizer),
         64,
         hard_labels=False,
     )
-    assert tiny_tokenizer.decode(ex["chosen_ids"]) == "\n\nHuman: Hi\n\nAssistant: Hello!" and ex["p_chosen"] == 0.7
+    # The conversation as SFT trained it: the tiny template's transcript, the answer closed by EOS.
+    text = "\n\nHuman: Hi\n\nAssistant: Hello!" + tiny_tokenizer.eos_token
+    assert tiny_tokenizer.decode(ex["chosen_ids"]) == text and ex["p_chosen"] == 0.7
     assert (
         tokenize_pair(
-            {"prompt": "Hi", "chosen": "a", "rejected": "b", "p_chosen": 0.7}, tiny_tokenizer, 64, hard_labels=True
+            {"prompt": "Hi", "chosen": "a", "rejected": "b", "p_chosen": 0.7},
+            PromptFormat(tiny_tokenizer),
+            64,
+            hard_labels=True,
         )["p_chosen"]
         == 1.0
     )
     hh = tokenize_pair(
         {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: z"},
-        tiny_tokenizer,
+        PromptFormat(tiny_tokenizer),
         3,
         hard_labels=False,
     )
@@ -90,9 +96,11 @@ def test_pair_tokenization_and_collation(tiny_tokenizer):
     batch = PreferenceCollator(tiny_tokenizer.pad_token_id)([ex, ex])
     assert batch["response_ids"].shape[0] == 4 and batch["p_chosen"].tolist() == pytest.approx([0.7, 0.7])
     with pytest.raises(ValueError, match="pairs.jsonl: no column 'rejected'"):
-        tokenize_pair({"prompt": "x", "chosen": "y"}, tiny_tokenizer, 8, False, "pairs.jsonl")
+        tokenize_pair({"prompt": "x", "chosen": "y"}, PromptFormat(tiny_tokenizer), 8, False, "pairs.jsonl")
     with pytest.raises(ValueError, match="p_chosen=1.5 is not a probability"):
-        tokenize_pair({"prompt": "x", "chosen": "y", "rejected": "z", "p_chosen": 1.5}, tiny_tokenizer, 8, False)
+        tokenize_pair(
+            {"prompt": "x", "chosen": "y", "rejected": "z", "p_chosen": 1.5}, PromptFormat(tiny_tokenizer), 8, False
+        )
 
 
 def test_pm_learns_a_detectable_preference(tiny_model_dir, tmp_path):

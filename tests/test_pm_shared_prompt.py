@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.preference import PreferenceCollator, join_pairs, shared_prefix_length, tokenize_pair, transcript
+from data.formats import PromptFormat
+from data.preference import PreferenceCollator, join_pairs, shared_prefix_length, tokenize_pair
 from models import ModelConfig, load_tokenizer
 from models.heads import PreferenceModel
 from models.tiny import ARCHITECTURES, TinyModelConfig, make_tiny_model
@@ -76,13 +77,15 @@ def test_pair_without_common_first_token_gets_an_empty_prompt_row(tiny_model_dir
 def test_long_pairs_are_cut_at_the_same_token_when_the_cut_part_is_shared(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
     row = {"prompt": "the old road " * 20, "chosen": "yes", "rejected": "no, the river is blue and quiet"}
-    full_c = tok(transcript(row["prompt"], row["chosen"]), add_special_tokens=False)["input_ids"]
-    full_r = tok(transcript(row["prompt"], row["rejected"]), add_special_tokens=False)["input_ids"]
-    ex = tokenize_pair(row, tok, 40, True)
+    full_c = tok(PromptFormat(tok).text(row["prompt"], row["chosen"]), add_special_tokens=False)["input_ids"]
+    full_r = tok(PromptFormat(tok).text(row["prompt"], row["rejected"]), add_special_tokens=False)["input_ids"]
+    ex = tokenize_pair(row, PromptFormat(tok), 40, True)
     cut = len(full_r) - 40  # the longer text fits exactly; the shorter loses the same leading tokens
     assert ex["rejected_ids"] == full_r[cut:] and ex["chosen_ids"] == full_c[cut:]
     assert shared_prefix_length(ex["chosen_ids"], ex["rejected_ids"]) > 0
-    apart = tokenize_pair({"chosen": "a " * 60 + "x", "rejected": "b " * 60 + "y"}, tok, 40, True)  # differ at once
+    apart = tokenize_pair(
+        {"chosen": "a " * 60 + "x", "rejected": "b " * 60 + "y"}, PromptFormat(tok), 40, True
+    )  # differ at once
     assert len(apart["chosen_ids"]) == len(apart["rejected_ids"]) == 40  # each keeps its own last 40 tokens
 
 

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
 from cai.sft import SFTModule, cli_main
+from data.formats import PromptFormat
 from data.sft import IGNORE_INDEX, SFTCollator, SFTDataModule, tokenize_example
 from helpers import base_args, clean_env, scalars
 from losses import sft_loss
@@ -26,10 +27,10 @@ def sft_file(tmp_path_factory):
 
 
 def test_tokenize_masks_the_prompt(tiny_tokenizer):
-    a = tokenize_example({"prompt": "Hi?", "completion": "Hello."}, tiny_tokenizer, 64)
+    a = tokenize_example({"prompt": "Hi?", "completion": "Hello."}, PromptFormat(tiny_tokenizer), 64)
     b = tokenize_example(
         {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
-        tiny_tokenizer,
+        PromptFormat(tiny_tokenizer),
         64,
     )
     assert a == b  # both forms render to the same transcript
@@ -37,15 +38,18 @@ def test_tokenize_masks_the_prompt(tiny_tokenizer):
     assert a["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert a["labels"][prompt_len:] == a["input_ids"][prompt_len:]
     assert a["input_ids"][-1] == tiny_tokenizer.eos_token_id
-    assert len(tokenize_example({"prompt": "x " * 100, "completion": "y"}, tiny_tokenizer, 16)["input_ids"]) == 16
+    assert (
+        len(tokenize_example({"prompt": "x " * 100, "completion": "y"}, PromptFormat(tiny_tokenizer), 16)["input_ids"])
+        == 16
+    )
     with pytest.raises(ValueError, match="pairs.jsonl: needs a 'messages' column"):
-        tokenize_example({"text": "x"}, tiny_tokenizer, 16, "pairs.jsonl")
+        tokenize_example({"text": "x"}, PromptFormat(tiny_tokenizer), 16, "pairs.jsonl")
 
 
 def test_packed_batch_gives_the_padded_loss(tiny_model, tiny_tokenizer):
     tok = load_tokenizer(tiny_tokenizer.name_or_path, padding_side="right")
     examples = [
-        tokenize_example({"prompt": p, "completion": c}, tok, 64)
+        tokenize_example({"prompt": p, "completion": c}, PromptFormat(tok), 64)
         for p, c in [("a?", "b."), ("A longer question here?", "A longer answer."), ("q", "r s t")]
     ]
     padded = SFTCollator(tok.pad_token_id)(examples)
@@ -155,7 +159,7 @@ def test_module_loss_on_kept_positions_equals_full_logits_loss(tiny_model_dir, t
 
     tok = load_tokenizer(tiny_tokenizer.name_or_path, padding_side="right")
     examples = [
-        tokenize_example({"prompt": p, "completion": c}, tok, 64)
+        tokenize_example({"prompt": p, "completion": c}, PromptFormat(tok), 64)
         for p, c in [("a?", "b."), ("A longer question here?", "A longer answer."), ("q", "r s t")]
     ]
     batch = SFTCollator(tok.pad_token_id, packing=packing)(examples)

@@ -23,7 +23,7 @@ def small_run(model_dir, out, **kw):
         out=str(out),
         model=ModelConfig(str(model_dir)),
         prompts=PromptSources(max_prompts=kw.pop("max_prompts", 8), helpful_ratio=0.25),
-        critique=CritiqueConfig(rounds=2, num_few_shot=1),
+        critique=CritiqueConfig(rounds=2, num_few_shot=1, keep_unfinished=True),  # a random model never ends a text
         sampling=SamplingConfig(max_new_tokens=12, batch_size=8),
         chunk_size=kw.pop("chunk_size", 4),
         **kw,
@@ -77,7 +77,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path)
         "out": str(tmp_path / "sl"),
         "model": {"name_or_path": str(tiny_model_dir)},
         "prompts": {"max_prompts": 24, "helpful_ratio": 0.25},
-        "critique": {"rounds": 2, "num_few_shot": 1},
+        "critique": {"rounds": 2, "num_few_shot": 1, "keep_unfinished": True},
         "sampling": {"max_new_tokens": 16, "batch_size": 4},
         "chunk_size": 2,
     }
@@ -139,7 +139,7 @@ def test_empty_and_overlong_prompts_are_counted(tiny_model_dir, tmp_path):
         out=str(tmp_path / "o"),
         model=ModelConfig(str(tiny_model_dir)),
         prompts=PromptSources(red_team=str(src), helpful=None, max_prompt_chars=100),
-        critique=CritiqueConfig(rounds=1, num_few_shot=0),
+        critique=CritiqueConfig(rounds=1, num_few_shot=0, keep_unfinished=True),
         sampling=SamplingConfig(max_new_tokens=4),
     )
     summary = json.loads((out / "summary.json").read_text())
