@@ -73,6 +73,18 @@ class FeedbackConfig:
     batch_size: int = 8
     """Questions per scoring forward pass (each is read once for both options)."""
 
+    def __post_init__(self):
+        checks = [
+            ("num_few_shot", self.num_few_shot is None or self.num_few_shot >= 0, "None (all) or 0 or more"),
+            ("num_principles", self.num_principles >= 1, "at least 1"),
+            ("clamp_low", 0 <= self.clamp_low <= self.clamp_high <= 1, "at most clamp_high, both in [0, 1]"),
+            ("cot_max_new_tokens", self.cot_max_new_tokens >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"feedback.{name}={getattr(self, name)!r}: must be {expected}")
+
 
 class FeedbackScorer:
     """Scores pairs of responses with one feedback model.

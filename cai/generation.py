@@ -53,6 +53,26 @@ class SamplingConfig:
     seed: int = 0
     """Seed of the sampling; the same prompts, settings and seed give the same responses."""
 
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, "0 (greedy) or more"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, "0 (off) or more"),
+            ("num_samples", self.num_samples >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("repetition_penalty", self.repetition_penalty > 0, "above 0 (1 is off)"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "0 (off) or more"),
+            (
+                "prompt_format",
+                self.prompt_format in ("auto", "chat", "transcript", "raw"),
+                "auto, chat, transcript or raw",
+            ),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"sampling.{name}={getattr(self, name)!r}: must be {expected}")
+
 
 @dataclass
 class Generation:

@@ -95,6 +95,27 @@ class PPOConfig:
     target_kl: float | None = None
     """Stop the epochs of a rollout early once the approximate KL to the rollout policy exceeds this."""
 
+    def __post_init__(self):
+        checks = [
+            ("total_rollouts", self.total_rollouts >= 1, "at least 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature > 0, "above 0 (log-probabilities are computed at it)"),
+            ("top_k", self.top_k >= 0, "0 (off) or more"),
+            ("ppo_epochs", self.ppo_epochs >= 1, "at least 1"),
+            ("num_minibatches", self.num_minibatches >= 1, "at least 1"),
+            ("clip_range", self.clip_range > 0, "above 0"),
+            ("vf_clip_range", self.vf_clip_range > 0, "above 0"),
+            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
+            ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
+            ("kl_coef", self.kl_coef >= 0, "0 or more"),
+            ("kl_estimator", self.kl_estimator in ("k1", "k3"), "k1 or k3"),
+            ("max_grad_norm", self.max_grad_norm > 0, "above 0"),
+            ("target_kl", self.target_kl is None or self.target_kl > 0, "None or above 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"ppo.{name}={getattr(self, name)!r}: must be {expected}")
+
 
 @dataclass
 class LoraConfig:
@@ -202,6 +223,12 @@ class PPOModule(HFModule):
                 net.requires_grad_(False).eval()
 
     def on_fit_start(self) -> None:
+        batch = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
+        if batch is not None and (batch % self.cfg.num_minibatches or batch < self.cfg.num_minibatches):
+            raise ValueError(
+                f"ppo: data.batch_size={batch} is not divisible by model.ppo.num_minibatches="
+                f"{self.cfg.num_minibatches}: every minibatch must have the same size"
+            )
         for net in self.frozen.values():  # Lightning moves only registered modules
             net.to(device=self.device, dtype=next(self.model.parameters()).dtype)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):

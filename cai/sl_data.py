@@ -84,6 +84,14 @@ class CritiqueConfig:
     stays in ``records.jsonl`` with ``finished: false`` but is not trained on, since SFT would teach the model to stop
     mid-sentence. On: the old behaviour, for random models that never end a text."""
 
+    def __post_init__(self):
+        if self.rounds < 0:
+            raise ValueError(f"critique.rounds={self.rounds}: must be 0 or more")
+        if self.num_few_shot is not None and self.num_few_shot < 0:
+            raise ValueError(f"critique.num_few_shot={self.num_few_shot}: must be None (all) or 0 or more")
+        if self.style not in ("plain", "strong", "cot"):
+            raise ValueError(f"critique.style={self.style!r}: must be plain, strong or cot")
+
 
 def critique_revise(
     gen: Generator,
