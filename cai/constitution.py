@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 import yaml
 
 from data.formats import CRITIQUE, CRITIQUE_REQUEST, HUMAN, REVISION, REVISION_REQUEST
+from models.errors import UserError
 
 PAPER_FILES = {
     "critiques": "CritiqueRevisionInstructions.json",
@@ -47,7 +48,7 @@ COT_PLACEHOLDER = "{}"
 """Marks where the framed feedback principle goes in a chain-of-thought few-shot (the paper's convention)."""
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(UserError):
     """A constitution file is missing or malformed, or a principle id is unknown. The message is one line."""
 
 
@@ -126,6 +127,19 @@ class Constitution:
     def get_feedback(self, id: str) -> FeedbackPrinciple:
         """Return the feedback principle ``id``; an unknown id raises :class:`ConstitutionError`."""
         return _lookup(self.feedback, id, "feedback", self._label)
+
+    def require_feedback(self, command: str = "label") -> list[FeedbackPrinciple]:
+        """The feedback principles, or a :class:`ConstitutionError` naming what is missing (for ``command``).
+
+        A folder of the paper's files without ``RLMadisonInstructions.json`` is named as such.
+        """
+        if not self.feedback:
+            if self.source and Path(self.source).is_dir():
+                raise ConstitutionError(
+                    f"{self.source}: missing {PAPER_FILES['feedback']} (the feedback principles {command} needs)"
+                )
+            raise ConstitutionError(f"{self._label}: no feedback principles ({command} needs them)")
+        return self.feedback
 
     def sample_critique(self, rng: random.Random | int) -> CritiquePrinciple:
         """Draw a critique principle uniformly; ``rng`` is a ``random.Random`` or a seed."""

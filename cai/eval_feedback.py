@@ -42,6 +42,7 @@ from data.formats import PromptFormat
 from data.prompts import PromptDataError
 from data.sft import load_any_dataset
 from models import ModelConfig, load_model, load_tokenizer, resolve_device
+from models.errors import UserError, check_input_file, check_output_dir, check_positive
 from models.logprobs import choice_logprobs
 
 ORDERS = ("original", "swapped")
@@ -59,33 +60,41 @@ def read_evals(path: str, max_examples: int | None = None) -> list[dict]:
     on the mixed column types first); other formats go through ``load_any_dataset``.
 
     Raises:
-        EvalDataError: naming the file and the (0-based) row.
+        EvalDataError: naming the file and the 1-based line (JSONL) or row (other formats).
     """
     if Path(path).suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        rows, where = [], []
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
                 if max_examples is not None and len(rows) >= max_examples:
                     break
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise EvalDataError(f"{path}: line {number}: not UTF-8 text; save the file as UTF-8") from None
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise EvalDataError(f"{path}: row {len(rows)}: not valid JSON ({e.msg})") from None
+                        raise EvalDataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+                    where.append(f"line {number}")
     else:
-        rows = load_any_dataset(path).to_list()[:max_examples]
+        rows = load_any_dataset(path, what="evals").to_list()[:max_examples]
+        where = [f"row {i}" for i in range(1, len(rows) + 1)]
     if not rows:
         raise EvalDataError(f"{path}: no rows to evaluate")
-    for i, r in enumerate(rows):
+    for at, r in zip(where, rows):
         if not isinstance(r, dict):
-            raise EvalDataError(f"{path}: row {i}: not a JSON object")
+            raise EvalDataError(f"{path}: {at}: not a JSON object")
         for key, kind in (("prompt", str), ("corrects", list), ("incorrects", list)):
             if not isinstance(r.get(key), kind):
-                raise EvalDataError(f"{path}: row {i}: {key!r} must be a {kind.__name__}")
+                raise EvalDataError(
+                    f"{path}: {at}: {key!r} must be a {kind.__name__} (rows are {{prompt, corrects, incorrects}})"
+                )
         if not r["corrects"]:
-            raise EvalDataError(f"{path}: row {i}: no correct answer given")
+            raise EvalDataError(f"{path}: {at}: no correct answer given")
         if not all(isinstance(c, str) and c for c in r["corrects"] + r["incorrects"]):
-            raise EvalDataError(f"{path}: row {i}: every answer must be a non-empty string")
+            raise EvalDataError(f"{path}: {at}: every answer must be a non-empty string")
     return rows
 
 
@@ -345,9 +354,14 @@ def run(
             row's prompt is read as it is (the paper's format).
     """
     if model is None:
-        raise ValueError("eval-feedback: model.name_or_path is required")
-    if not Path(evals).exists():
-        raise FileNotFoundError(f"eval-feedback: {evals}: no such file")
+        raise UserError("model.name_or_path is required (the feedback model)")
+    for name, value in (("batch_size", batch_size), ("n_bins", n_bins)):
+        check_positive(value, name)
+    check_positive(max_examples, "max_examples", allow_none=True)
+    if prompt_format not in ("auto", "chat", "transcript"):
+        raise UserError(f"prompt_format={prompt_format!r}: must be auto, chat or transcript")
+    check_input_file(evals, "evals")
+    check_output_dir(out, "out")
     rows = read_evals(evals, max_examples)
     dev = resolve_device(device)
     net = load_model(model).to(dev).eval()

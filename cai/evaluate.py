@@ -31,6 +31,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from cai.constitution import FeedbackPrinciple, load_constitution
 from cai.elo import bootstrap_elo, fit_elo, win_rates
@@ -89,7 +90,14 @@ def _check_same(records: list[dict], field: str, expected: str, path: Path) -> N
 
 
 def generate_responses(
-    label: str, path: str, rows: list[dict], store: ResumableJsonl, sampling: SamplingConfig, dev: str, dtype: str
+    label: str,
+    path: str,
+    rows: list[dict],
+    store: ResumableJsonl,
+    sampling: SamplingConfig,
+    dev: str,
+    dtype: str,
+    progress: bool = True,
 ) -> None:
     """One response per row from model ``path``, appended to ``store``; the model is freed afterwards."""
     _check_same([r for r in store.read() if r["label"] == label], "model", path, store.path)
@@ -99,7 +107,8 @@ def generate_responses(
         return
     tok = load_tokenizer(path, padding_side="left")
     model = load_model(ModelConfig(path, dtype=dtype)).to(dev)
-    gens = Generator(model, tok, sampling).generate([r["prompt"] for _, r in todo])
+    with tqdm(total=len(todo), desc=f"eval: {label} answers", unit="prompt", disable=not progress) as bar:
+        gens = Generator(model, tok, sampling).generate([r["prompt"] for _, r in todo], on_batch=bar.update)
     store.write(
         {"key": k, "label": label, "model": path, **r, "response": g[0].text, "finished": g[0].finished}
         for (k, r), g in zip(todo, gens)
@@ -135,20 +144,30 @@ def order_probabilities(details: dict) -> tuple[float, float]:
 
 
 def compare_all(
-    scorer: FeedbackScorer, pairs: list[dict], store: ResumableJsonl, feedback_model: str, chunk: int = 64
+    scorer: FeedbackScorer,
+    pairs: list[dict],
+    store: ResumableJsonl,
+    feedback_model: str,
+    chunk: int = 16,
+    progress: bool = True,
 ) -> None:
-    """Judge each pair {key, set, id, prompt, a, b, response_a, response_b, principles}; append to ``store``."""
+    """Judge each pair {key, set, id, prompt, a, b, response_a, response_b, principles}; append to ``store``.
+
+    Pairs are judged and written ``chunk`` at a time (the unit of resuming and of the progress bar's updates).
+    """
     _check_same(store.read(), "feedback_model", feedback_model, store.path)
     todo = [p for p in pairs if p["key"] not in store.done]
     print(f"eval: {len(pairs) - len(todo)} comparisons already there, {len(todo)} to judge")
-    for s in range(0, len(todo), chunk):
-        items = todo[s : s + chunk]
-        out = []
-        for it, res in zip(items, scorer.score(items)):
-            first, second = order_probabilities(res)
-            out.append({k: it[k] for k in ("key", "set", "id", "a", "b", "principles")} | {"p_a": res["p_a"]})
-            out[-1] |= {"p_a_first": first, "p_a_second": second, "feedback_model": feedback_model}
-        store.write(out)
+    with tqdm(total=len(todo), desc="eval: judging pairs", unit="pair", disable=not progress) as bar:
+        for s in range(0, len(todo), chunk):
+            items = todo[s : s + chunk]
+            out = []
+            for it, res in zip(items, scorer.score(items)):
+                first, second = order_probabilities(res)
+                out.append({k: it[k] for k in ("key", "set", "id", "a", "b", "principles")} | {"p_a": res["p_a"]})
+                out[-1] |= {"p_a_first": first, "p_a_second": second, "feedback_model": feedback_model}
+            store.write(out)
+            bar.update(len(items))
 
 
 def resolve_principle(const, value: str | None, default: str, axis: str) -> FeedbackPrinciple:
@@ -271,7 +290,7 @@ def judge(
         model = load_model(ModelConfig(path, dtype=cfg["dtype"])).to(cfg["device"]).eval()
         fb = FeedbackConfig(num_few_shot=cfg["num_few_shot"], both_orders=True, batch_size=cfg["batch_size"])
         scorer = FeedbackScorer(model, tok, const, fb, prompt_format=cfg["prompt_format"])
-        compare_all(scorer, pairs, store, path)
+        compare_all(scorer, pairs, store, path, progress=cfg.get("progress", True))
         del model
         _free()
     done = {c["key"]: c for c in store.read()}
@@ -299,6 +318,7 @@ def run(
     out: str = "runs/eval",
     seed: int = 0,
     device: str = "auto",
+    progress: bool = True,
 ) -> dict:
     """Compare models on held-out red-team and helpful prompts: PM scores, win rates and Elo.
 
@@ -328,6 +348,7 @@ def run(
         out: Output folder: responses.jsonl, comparisons.jsonl, eval.json, winrates.png.
         seed: Seed of the bootstrap (sampling has its own, ``sampling.seed``).
         device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+        progress: Show progress bars with an ETA over the answers each model generates and the pairs judged.
 
     Returns:
         The contents of ``eval.json``.
@@ -344,7 +365,7 @@ def run(
     rows = [{"set": s, **r} for s, src in sources.items() for r in held_out_prompts(src, num_prompts, seen)]
     store = ResumableJsonl(out_dir / "responses.jsonl", key="key")
     for label, path in models.items():
-        generate_responses(label, path, rows, store, sampling, dev, dtype)
+        generate_responses(label, path, rows, store, sampling, dev, dtype, progress)
     by_key = {r["key"]: r for r in store.read()}
     responses = [by_key[f"{m}/{r['set']}/{r['id']}"] for m in labels for r in rows]
     fmt = sampling.prompt_format
@@ -356,7 +377,7 @@ def run(
     }
     feedback_model = feedback_model or models[labels[0]]
     cfg = {"constitution": const, "feedback_model": feedback_model, "dtype": dtype, "device": dev}
-    cfg |= {"num_few_shot": feedback_num_few_shot, "batch_size": batch_size, "prompt_format": fmt}
+    cfg |= {"num_few_shot": feedback_num_few_shot, "batch_size": batch_size, "prompt_format": fmt, "progress": progress}
     comps_store = ResumableJsonl(out_dir / "comparisons.jsonl", key="key")
     comps = judge(labels, rows, by_key, principles, cfg, comps_store) if len(labels) > 1 else []
     sets = {}

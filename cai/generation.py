@@ -8,12 +8,27 @@ What makes it fast compared with calling a ``pipeline("text-generation")`` on a 
 * several samples per prompt come from one batch (``num_return_sequences``), not from repeated calls.
 
 Results come back in the order of the prompts, with their texts and token ids.
+
+**Keyed sampling.** Given a key per prompt (``generate(prompts, keys=[...])``, e.g. ``"rt-12/revision1"``), every
+sample depends only on (``seed``, key, sample index) and the model, never on which prompts share a batch, the batch
+size, the chunking or what an interrupted run had already done; so a resumed run writes what the uninterrupted run
+would have. Hugging Face's sampler draws every row from the one global RNG, so the samples of a row depend on its
+batch. Here each row has its own ``torch.Generator``, seeded from a stable hash of (seed, key, sample index), and
+the draw is done by the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014, "A* Sampling"): ``argmax(l_i + g_i)``
+with ``g_i = -log(-log(u_i))``, ``u_i ~ U(0, 1)`` i.i.d., is an exact sample from ``softmax(l)``. ``model.generate``
+runs greedily (``do_sample=False``) with :class:`RowSampler` as its last logits processor: it applies the
+repetition penalty and the n-gram ban on each row's own tokens (left padding excluded: HF's processors would count
+pad tokens of padded rows only), then temperature, top-k and top-p (HF's own warpers, so the distribution is the
+one ``do_sample=True`` samples from), then adds each row's Gumbel noise, one draw per decode step. EOS, the
+end-of-turn token and stop strings end rows as before. Batched padding could still change a logit in its last bits
+and so, very rarely, which of two near-tied tokens wins.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -21,6 +36,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.formats import ANSWER_STOPS, Prompt, PromptFormat
+from models.errors import UserError
 
 
 @dataclass
@@ -71,7 +87,7 @@ class SamplingConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"sampling.{name}={getattr(self, name)!r}: must be {expected}")
+                raise UserError(f"sampling.{name}={getattr(self, name)!r}: must be {expected}")
 
 
 @dataclass
@@ -101,6 +117,64 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first, so memory problems show up at once)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def sample_seed(seed: int, key: str, index: int) -> int:
+    """The seed of one sample: a stable 63-bit hash of (seed, key, sample index).
+
+    The same in every process and Python version (the builtin ``hash`` of a string is salted per process).
+    """
+    digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class RowSampler(transformers.LogitsProcessor):
+    """Per-row sampling for a greedy ``model.generate``: penalties on each row's own tokens, then the Gumbel-max trick.
+
+    Args:
+        cfg: Sampling settings (temperature, top-k, top-p, repetition penalty, n-gram ban).
+        pads: Left-padding width of each row; those columns are not the row's text.
+        seeds: One seed per row (:func:`sample_seed`); unused when ``cfg.temperature`` is 0 (greedy).
+        device: Where the rows' generators draw.
+    """
+
+    def __init__(self, cfg: SamplingConfig, pads: list[int], seeds: list[int], device: torch.device):
+        self.pads = pads
+        lp = transformers.generation.logits_process
+        self.penalties = []
+        if cfg.repetition_penalty != 1.0:
+            self.penalties.append(lp.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
+        if cfg.no_repeat_ngram_size:
+            self.penalties.append(lp.NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
+        self.warpers, self.generators = [], []
+        if cfg.temperature > 0:
+            # HF's own warpers in HF's order, so the filtered distribution is the one do_sample=True draws from.
+            self.warpers.append(lp.TemperatureLogitsWarper(cfg.temperature))
+            if cfg.top_k:
+                self.warpers.append(lp.TopKLogitsWarper(cfg.top_k))
+            if cfg.top_p < 1.0:
+                self.warpers.append(lp.TopPLogitsWarper(cfg.top_p))
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        if self.penalties:
+            rows = []
+            for r, pad in enumerate(self.pads):
+                ids, row = input_ids[r : r + 1, pad:], scores[r : r + 1].clone()
+                for proc in self.penalties:
+                    row = proc(ids, row)
+                rows.append(row)
+            scores = torch.cat(rows)
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        if self.generators:
+            vocab, tiny = scores.shape[-1], torch.finfo(torch.float32).tiny
+            u = torch.stack(
+                [torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32) for g in self.generators]
+            )
+            scores = scores + -torch.log(-torch.log(u.clamp_(min=tiny)))  # Gumbel noise; -inf stays -inf
+        return scores
 
 
 class Generator:
@@ -140,6 +214,7 @@ class Generator:
         prompts: Sequence[Prompt],
         config: SamplingConfig | None = None,
         on_batch: Callable[[int], None] | None = None,
+        keys: Sequence[str] | None = None,
     ) -> list[list[Generation]]:
         """Sample ``num_samples`` responses for every prompt.
 
@@ -147,6 +222,10 @@ class Generator:
             prompts: Prompt strings or chat message lists.
             config: Settings for this call (defaults to the generator's).
             on_batch: Called with the number of prompts finished after each batch (progress bars).
+            keys: One stable key per prompt (its id and step, e.g. ``"rt-3/critique0"``). Given, sample ``s`` of a
+                prompt depends only on (``config.seed``, its key, ``s``), whatever the batching (see the module
+                docstring: per-row generators and the Gumbel-max trick). None: one seed per length bucket, so a
+                sample also depends on which prompts share its batch.
 
         Returns:
             For every prompt, in the order given, its list of ``num_samples`` generations.
@@ -155,18 +234,41 @@ class Generator:
         tok, model = self.tokenizer, self.model
         if not prompts:
             return []
+        if keys is not None and len(keys) != len(prompts):
+            raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts")
         texts = [format_prompt(p, tok, cfg.prompt_format) for p in prompts]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
-        hf_cfg = self._hf_config(cfg)
+        if keys is None:
+            hf_cfg = self._hf_config(cfg)
+        else:
+            # Greedy over RowSampler's scores: the samples are expanded here and RowSampler does the penalties, which
+            # are set to off (not None, so that the model's own generation_config does not fill them in).
+            off = replace(cfg, temperature=0.0, num_samples=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+            hf_cfg = self._hf_config(off)
+            hf_cfg.repetition_penalty, hf_cfg.no_repeat_ngram_size = 1.0, 0
         was_training = model.training
         model.eval()
         results: list[list[Generation]] = [[] for _ in prompts]
         device = next(model.parameters()).device
         for b, batch in enumerate(length_buckets([len(x) for x in ids], cfg.batch_size)):
             # Left padding: every row's last prompt token sits in the same column, so new tokens line up.
-            enc = tok.pad({"input_ids": [ids[i] for i in batch]}, padding=True, return_tensors="pt").to(device)
-            torch.manual_seed(cfg.seed * 1_000_003 + b)  # reproducible per batch, independent of earlier batches
-            out = model.generate(**enc, generation_config=hf_cfg, tokenizer=tok)  # (rows * num_samples, P + N)
+            if keys is None:
+                enc = tok.pad({"input_ids": [ids[i] for i in batch]}, padding=True, return_tensors="pt").to(device)
+                torch.manual_seed(cfg.seed * 1_000_003 + b)  # reproducible per batch, independent of earlier batches
+                out = model.generate(**enc, generation_config=hf_cfg, tokenizer=tok)  # (rows * num_samples, P + N)
+            else:
+                n = cfg.num_samples
+                rows = [ids[i] for i in batch for _ in range(n)]  # row = prompt * n + sample, as HF expands them
+                enc = tok.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(device)
+                pads = (enc["attention_mask"] == 0).sum(1).tolist()
+                seeds = [sample_seed(cfg.seed, keys[i], s) for i in batch for s in range(n)]
+                sampler = RowSampler(cfg, pads, seeds, device)
+                out = model.generate(
+                    **enc,
+                    generation_config=hf_cfg,
+                    tokenizer=tok,
+                    logits_processor=transformers.LogitsProcessorList([sampler]),
+                )
             new = out[:, enc["input_ids"].shape[1] :]  # (rows * num_samples, N)
             for row, seq in enumerate(new.tolist()):
                 i = batch[row // cfg.num_samples]

@@ -3,8 +3,12 @@
 For every prompt the policy (the SL-CAI model) samples two responses; one or more feedback models compare them by
 principles sampled from the constitution (``cai.feedback``), and the result is a soft label: the probability that
 one response is better. Records are appended to ``records.jsonl`` chunk by chunk, so a killed run continues where
-it stopped when started again. The finished labels are also written as a ``datasets`` folder ``pairs/`` in TRL's
-preference form (``prompt``, ``chosen``, ``rejected``) plus ``p_chosen``, the probability that ``chosen`` is the
+it stopped when started again, with the pairs the uninterrupted run would have sampled: both samples of a prompt are
+keyed by its id (``Generator.generate(keys=...)``), not by its chunk or batch (the feedback scores can differ in
+their last float bits: a batch is padded to its longest question). ``settings.json`` in the output folder holds the
+settings that determine the records; a rerun with other settings stops before any work unless ``overwrite`` is set.
+The finished labels are also written as a ``datasets`` folder ``pairs/`` in TRL's preference form (``prompt``,
+``chosen``, ``rejected``) plus ``p_chosen``, the probability that ``chosen`` is the
 better response (at least 0.5 by construction).
 """
 
@@ -14,7 +18,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,10 +27,11 @@ from tqdm.auto import tqdm
 from cai.constitution import load_constitution
 from cai.feedback import FeedbackConfig, FeedbackScorer
 from cai.generation import Generator, SamplingConfig
-from cai.sl_data import PromptSources, load_prompt_mix
+from cai.sl_data import PromptSources, constitution_fingerprint, load_prompt_mix
 from data.formats import PromptFormat
-from data.jsonl import ResumableJsonl
+from data.jsonl import ResumableJsonl, check_out_dir, claim_out_dir
 from models import ModelConfig, load_model, load_tokenizer, resolve_device
+from models.errors import UserError, check_positive
 
 
 def aggregate(p_by_model: list[float], how: str) -> float:
@@ -67,6 +72,7 @@ def run(
     chunk_size: int = 32,
     seed: int = 0,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Sample response pairs and label them with AI feedback; resumes when ``out`` already holds part of it.
 
@@ -79,26 +85,45 @@ def run(
         feedback: Few-shot, principle ensemble, position-bias and chain-of-thought settings.
         ensemble: How several feedback models combine: ``mean`` of probabilities or majority ``vote``.
         constitution: ``default``, a project YAML file, or a folder with the paper's JSON files.
-        chunk_size: Prompts per chunk; a chunk's records are written together.
+        chunk_size: Prompts per chunk; a chunk's records are written together. The pairs do not depend on it (nor
+            on the batch sizes): both samples of a prompt are keyed by its id.
         seed: Seed of the principle sampling (per prompt, so a resumed run samples the same principles).
         device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+        overwrite: Start again when ``out`` holds a run with other settings (its records are removed). Without it
+            such a rerun stops before any work, naming the first setting that differs (``out/settings.json``).
     """
     if policy is None:
-        raise ValueError("label: policy.name_or_path is required (the SL-CAI model)")
+        raise UserError("label: policy.name_or_path is required (the SL-CAI model)")
+    check_positive(chunk_size, "chunk_size")
+    if ensemble not in ("mean", "vote"):
+        raise UserError(f"label: ensemble={ensemble!r}: must be mean or vote")
+    if sampling is not None and sampling.prompt_format == "raw":
+        raise UserError("label: sampling.prompt_format must be auto, chat or transcript (prompts are rendered here)")
     prompts = prompts or PromptSources(helpful=None)
     sampling, feedback = sampling or SamplingConfig(), feedback or FeedbackConfig()
+    out_dir = check_out_dir(out, "label")
     const = load_constitution(constitution)
-    if not const.feedback:
-        raise ValueError(f"label: constitution {constitution!r} has no feedback principles")
-    out_dir = Path(out)
-    rows, counts = load_prompt_mix(prompts)
+    const.require_feedback("label")
+    tok = load_tokenizer(policy.tokenizer or policy.name_or_path, padding_side="left")
+    rows, counts = load_prompt_mix(prompts, tok)
+    fmt = PromptFormat(tok, sampling.prompt_format)  # checked before any work
+    settings = {
+        "stage": "label",
+        "policy": asdict(policy),
+        "feedback_models": [asdict(m) for m in feedback_models] if feedback_models else None,
+        "prompts": asdict(prompts),
+        # Batch sizes do not change records; label always samples two responses per prompt.
+        "sampling": {k: v for k, v in asdict(sampling).items() if k not in ("batch_size", "num_samples")},
+        "feedback": {k: v for k, v in asdict(feedback).items() if k != "batch_size"},
+        "ensemble": ensemble,
+        "constitution": constitution_fingerprint(const),
+        "seed": seed,
+        "prompt_format": fmt.kind,
+    }
+    claim_out_dir(out_dir, settings, "label", overwrite, ["records.jsonl", "summary.json", "pairs"])
     store = ResumableJsonl(out_dir / "records.jsonl")
     todo = [r for r in rows if r["id"] not in store.done]
     print(f"label: {len(rows)} prompts, {len(rows) - len(todo)} already done, {len(todo)} to go -> {out_dir}")
-    if sampling.prompt_format == "raw":
-        raise ValueError("label: sampling.prompt_format must be auto, chat or transcript (prompts are rendered here)")
-    tok = load_tokenizer(policy.tokenizer or policy.name_or_path, padding_side="left")
-    fmt = PromptFormat(tok, sampling.prompt_format)  # checked before any work
     if todo:
         dev = resolve_device(device)
         policy_model = load_model(policy).to(dev)
@@ -114,7 +139,8 @@ def run(
         with tqdm(total=len(todo), desc="label", unit="prompt") as bar:
             for i in range(0, len(todo), chunk_size):
                 chunk = todo[i : i + chunk_size]
-                pairs = gen.generate([r["prompt"] for r in chunk], replace(gen.config, seed=sampling.seed + i))
+                # Keyed by prompt id (samples 0 and 1): the pair is the same whatever the chunk, batch or resume.
+                pairs = gen.generate([r["prompt"] for r in chunk], keys=[r["id"] for r in chunk])
                 items = [
                     {
                         "prompt": r["prompt"],

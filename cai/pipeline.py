@@ -55,8 +55,70 @@ def run_function_stage(fn, config: dict, prog: str):
     return CLI(fn, args=["--config", _yaml_file(config)], prog=prog)
 
 
-def run_lightning_stage(cli_main, config: dict, stage_dir: Path, model_fields: dict, data_fields: dict) -> Path:
-    """Run ``cai <stage> fit`` with ``config`` and the pipeline's paths; resume from the stage's last checkpoint."""
+def check_function_stage(fn, config: dict, prog: str, pending: frozenset[str] = frozenset()) -> None:
+    """Parse and check a function stage's settings as ``run_function_stage`` would, without running it.
+
+    Paths in ``pending`` are written by earlier stages, so they are not checked for existence.
+    """
+    import inspect
+
+    from jsonargparse import ArgumentError, auto_parser
+
+    from cai.cli import check_stage
+    from models.errors import UserError
+
+    parser = auto_parser(fn, prog=prog, exit_on_error=False)
+    try:
+        cfg = parser.instantiate(parser.parse_args(["--config", _yaml_file(config)]))
+    except ArgumentError as err:
+        raise UserError(" ".join(str(err).split())) from None
+    kwargs = {k: cfg[k] for k in inspect.signature(fn).parameters if k in cfg}
+    check_stage(prog.removeprefix("cai "), kwargs, pending)
+
+
+def check_lightning_stage(module, datamodule, config: dict, prog: str) -> None:
+    """Parse a training stage's config and build its model and data modules, without running anything.
+
+    Cheap (no network is loaded, no data read), so that a typo or a value out of range fails before the first stage
+    runs. The argument links are those of ``cai.training.run_cli``; the trainer itself is not built.
+    """
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    class CheckCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments(
+                ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n
+            )
+            if "prompt_format" in inspect.signature(module.__init__).parameters:
+                parser.link_arguments("model.prompt_format", "data.prompt_format")
+
+        def instantiate_classes(self) -> None:
+            self.config_init = self.parser.instantiate(self.config)
+
+    from jsonargparse import ArgumentError
+
+    from models.errors import UserError
+
+    config = {k: v for k, v in config.items() if k != "ckpt_path"}  # a ``fit`` argument, not a module's
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        try:
+            CheckCLI(
+                module,
+                datamodule,
+                args=["--config", _yaml_file(config)],
+                run=False,
+                save_config_callback=None,
+                parser_kwargs={"prog": prog, "exit_on_error": False},
+            )
+        except ArgumentError as err:
+            raise UserError(" ".join(str(err).split())) from None
+
+
+def _stage_config(config: dict, stage_dir: Path, model_fields: dict, data_fields: dict) -> dict:
+    """A training stage's config with the pipeline's paths (logs, checkpoints and export under ``stage_dir``)."""
     fixed = {
         "trainer": {
             "default_root_dir": str(stage_dir),
@@ -68,7 +130,12 @@ def run_lightning_stage(cli_main, config: dict, stage_dir: Path, model_fields: d
         "model": {**model_fields, "hf_out": str(stage_dir / "hf")},
         "data": data_fields,
     }
-    args = ["fit", "--config", _yaml_file(_deep_merge(config, fixed))]
+    return _deep_merge(config, fixed)
+
+
+def run_lightning_stage(cli_main, config: dict, stage_dir: Path) -> Path:
+    """Run ``cai <stage> fit`` with ``config`` (from ``_stage_config``); resume from the stage's last checkpoint."""
+    args = ["fit", "--config", _yaml_file(config)]
     last = stage_dir / "tb" / "version_0" / "checkpoints" / "last.ckpt"
     if last.exists():
         print(f"    resuming from {last}")
@@ -121,8 +188,61 @@ def run(
     from cai.sft import cli_main as sft_cli
 
     rd = Path(run_dir)
-    rd.mkdir(parents=True, exist_ok=True)
     tiny = tiny or TinyModelConfig()
+    fmt = prompt_format
+    hhh = None if hhh_evals == "none" else hhh_evals or (str(HHH_DEFAULT) if HHH_DEFAULT.exists() else None)
+
+    # Every stage's arguments, built once: checked all together below, then run stage by stage.
+    base = base_model or str(rd / "base_model")
+    if base_model is not None and resolve_model_source(base_model).gguf_file is not None:
+        # A GGUF file (or one shipped in a package) is de-quantized once into a plain HF folder: every later load
+        # then takes a fraction of a second instead of ~10 s, and the stages' exports can copy its tokenizer.
+        base = str(rd / "base_model")
+    sl_cai, pm_hf, rl_cai = rd / "sft" / "hf", rd / "pm" / "hf", rd / "ppo" / "hf"
+    sl_records, label_records = rd / "sl_data" / "records.jsonl", rd / "label" / "records.jsonl"
+    sl_cfg = _deep_merge(
+        sl_data or {}, {"out": str(rd / "sl_data"), "model": {"name_or_path": base}, "sampling": {"prompt_format": fmt}}
+    )
+    sft_cfg = _stage_config(
+        sft or {},
+        rd / "sft",
+        {"model": {"name_or_path": base}},
+        {"train": str(rd / "sl_data" / "sft"), "prompt_format": fmt},
+    )
+    label_cfg = _deep_merge(
+        label or {},
+        {"out": str(rd / "label"), "policy": {"name_or_path": str(sl_cai)}, "sampling": {"prompt_format": fmt}},
+    )
+    pm_cfg = _stage_config(
+        pm or {},
+        rd / "pm",
+        {"model": {"name_or_path": str(sl_cai)}},
+        {"train": str(rd / "label" / "pairs"), "prompt_format": fmt},
+    )
+    ppo_fields = {"model": {"name_or_path": str(sl_cai)}, "preference_model": {"name_or_path": str(pm_hf)}}
+    ppo_cfg = _stage_config(ppo or {}, rd / "ppo", {**ppo_fields, "prompt_format": fmt}, {})
+    models = {"base": base, "sl-cai": str(sl_cai), "rl-cai": str(rl_cai)}
+    eval_cfg = None
+    if evaluate is not None:
+        eval_cfg = _deep_merge(
+            evaluate,
+            {
+                "out": str(rd / "eval"),
+                "models": models,
+                "preference_model": str(pm_hf),
+                "feedback_model": str(sl_cai),
+                "hhh_evals": None,
+                "sampling": {**evaluate.get("sampling", {}), "prompt_format": fmt},
+                # A true hold-out: prompts any training stage saw are skipped.
+                "exclude": [str(sl_records), str(label_records)],
+            },
+        )
+    made_here = [sl_cai, pm_hf, rl_cai, sl_records, label_records] + ([rd / "base_model"] if base != base_model else [])
+    _check_stages(
+        base_model, tiny, sl_cfg, sft_cfg, label_cfg, pm_cfg, ppo_cfg, eval_cfg, hhh, hhh_max_examples, fmt, made_here
+    )
+
+    rd.mkdir(parents=True, exist_ok=True)
     settings = dict(
         run_dir=run_dir,
         base_model=base_model,
@@ -138,8 +258,6 @@ def run(
         prompt_format=prompt_format,
     )
     (rd / "pipeline.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    fmt = prompt_format
-    hhh = None if hhh_evals == "none" else hhh_evals or (str(HHH_DEFAULT) if HHH_DEFAULT.exists() else None)
     log: list[dict] = []
     start = time.time()
 
@@ -149,35 +267,20 @@ def run(
         log.append({"stage": name, "skipped": done, "started": time.time()})
         return not done
 
-    base = base_model or str(rd / "base_model")
     if base_model is None and stage("base model (tiny, random)", rd / "base_model" / "config.json"):
         make_tiny_model(base, tiny)
-    if base_model is not None and resolve_model_source(base_model).gguf_file is not None:
-        # A GGUF file (or one shipped in a package) is de-quantized once into a plain HF folder: every later load
-        # then takes a fraction of a second instead of ~10 s, and the stages' exports can copy its tokenizer.
-        base = str(rd / "base_model")
+    if base != base_model and base_model is not None:
         if stage(f"base model (imported from {base_model})", rd / "base_model" / "config.json"):
             import_model(base_model, base)
 
     if stage("SL-CAI critique-revision data", rd / "sl_data" / "summary.json"):
-        fixed = {"out": str(rd / "sl_data"), "model": {"name_or_path": base}, "sampling": {"prompt_format": fmt}}
-        cfg = _deep_merge(sl_data or {}, fixed)
-        run_function_stage(sl_stage.run, cfg, "cai sl-data")
+        run_function_stage(sl_stage.run, sl_cfg, "cai sl-data")
 
-    sl_cai = rd / "sft" / "hf"
     if stage("SFT: the SL-CAI model", sl_cai / "model.safetensors"):
-        run_lightning_stage(
-            sft_cli,
-            sft or {},
-            rd / "sft",
-            {"model": {"name_or_path": base}},
-            {"train": str(rd / "sl_data" / "sft"), "prompt_format": fmt},
-        )
+        run_lightning_stage(sft_cli, sft_cfg, rd / "sft")
 
     if stage("response pairs and AI preference labels", rd / "label" / "summary.json"):
-        fixed = {"out": str(rd / "label"), "policy": {"name_or_path": str(sl_cai)}, "sampling": {"prompt_format": fmt}}
-        cfg = _deep_merge(label or {}, fixed)
-        run_function_stage(label_stage.run, cfg, "cai label")
+        run_function_stage(label_stage.run, label_cfg, "cai label")
 
     if hhh and stage("feedback model on the 438 HHH comparisons", rd / "eval_feedback" / "metrics.json"):
         eval_feedback.run(
@@ -188,41 +291,17 @@ def run(
             prompt_format=fmt,
         )
 
-    pm_hf = rd / "pm" / "hf"
     if stage("preference model", pm_hf / "model.safetensors"):
-        run_lightning_stage(
-            pm_cli,
-            pm or {},
-            rd / "pm",
-            {"model": {"name_or_path": str(sl_cai)}},
-            {"train": str(rd / "label" / "pairs"), "prompt_format": fmt},
-        )
+        run_lightning_stage(pm_cli, pm_cfg, rd / "pm")
 
-    rl_cai = rd / "ppo" / "hf"
     if stage("PPO: the RL-CAI model", rl_cai / "model.safetensors"):
-        model_fields = {"model": {"name_or_path": str(sl_cai)}, "preference_model": {"name_or_path": str(pm_hf)}}
-        model_fields["prompt_format"] = fmt
-        run_lightning_stage(ppo_cli, ppo or {}, rd / "ppo", model_fields, {})
+        run_lightning_stage(ppo_cli, ppo_cfg, rd / "ppo")
 
-    models = {"base": base, "sl-cai": str(sl_cai), "rl-cai": str(rl_cai)}
     # The HHH accuracy comes from the eval_feedback stage above (same model): not computed twice.
-    if evaluate is not None and stage("evaluation: base vs SL-CAI vs RL-CAI", rd / "eval" / "eval.json"):
+    if eval_cfg is not None and stage("evaluation: base vs SL-CAI vs RL-CAI", rd / "eval" / "eval.json"):
         from cai.evaluate import run as eval_run
 
-        cfg = _deep_merge(
-            evaluate,
-            {
-                "out": str(rd / "eval"),
-                "models": models,
-                "preference_model": str(pm_hf),
-                "feedback_model": str(sl_cai),
-                "hhh_evals": None,
-                "sampling": {**evaluate.get("sampling", {}), "prompt_format": fmt},
-                # A true hold-out: prompts any training stage saw are skipped.
-                "exclude": [str(rd / "sl_data" / "records.jsonl"), str(rd / "label" / "records.jsonl")],
-            },
-        )
-        run_function_stage(eval_run, cfg, "cai eval")
+        run_function_stage(eval_run, eval_cfg, "cai eval")
 
     report = None
     if evaluate is not None:
@@ -251,6 +330,56 @@ def run(
             print(f"  {name:22s} {path}")
     print(f"  {'training curves':22s} tensorboard --logdir {rd}")
     return rd
+
+
+def _check_stages(
+    base_model, tiny, sl_cfg, sft_cfg, label_cfg, pm_cfg, ppo_cfg, eval_cfg, hhh, hhh_max_examples, fmt, made_here
+) -> None:
+    """Check every stage's settings before the first stage runs.
+
+    A typo in a late stage (``ppo:``) then fails at once rather than after the SL-CAI data and SFT ran. Paths that
+    earlier stages write are not looked for.
+
+    Raises:
+        UserError: naming the stage (``pipeline: ppo: ...``) and the setting.
+    """
+    from cai import label as label_stage
+    from cai import sl_data as sl_stage
+    from cai.cli import check_stage
+    from cai.evaluate import run as eval_run
+    from cai.pm import PreferenceModule
+    from cai.ppo import PPOModule
+    from cai.sft import SFTModule
+    from data.preference import PreferenceDataModule
+    from data.prompt_data import PromptDataModule
+    from data.sft import SFTDataModule
+    from models.errors import UserError, check_input_file, check_positive
+
+    pending = frozenset(str(p) for p in made_here)
+    checks = [
+        ("tiny", lambda: base_model is None and check_stage("tiny-model", asdict(tiny), pending)),
+        ("sl_data", lambda: check_function_stage(sl_stage.run, sl_cfg, "cai sl-data", pending)),
+        ("sft", lambda: check_lightning_stage(SFTModule, SFTDataModule, sft_cfg, "cai sft")),
+        ("label", lambda: check_function_stage(label_stage.run, label_cfg, "cai label", pending)),
+        ("pm", lambda: check_lightning_stage(PreferenceModule, PreferenceDataModule, pm_cfg, "cai pm")),
+        ("ppo", lambda: check_lightning_stage(PPOModule, PromptDataModule, ppo_cfg, "cai ppo")),
+        ("evaluate", lambda: eval_cfg is not None and check_function_stage(eval_run, eval_cfg, "cai eval", pending)),
+        ("hhh_evals", lambda: hhh and check_input_file(hhh, "hhh_evals")),
+        ("hhh_max_examples", lambda: check_positive(hhh_max_examples, "hhh_max_examples", allow_none=True)),
+        ("prompt_format", lambda: _check_format(fmt)),
+    ]
+    for name, check in checks:
+        try:
+            check()
+        except UserError as err:
+            raise UserError(f"{name}: {err}") from err
+
+
+def _check_format(fmt: str) -> None:
+    from models.errors import UserError
+
+    if fmt not in ("auto", "chat", "transcript"):
+        raise UserError(f"prompt_format={fmt!r}: must be auto, chat or transcript")
 
 
 def _model(path: str):

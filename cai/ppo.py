@@ -110,7 +110,7 @@ class PPOConfig:
             ("kl_coef", self.kl_coef >= 0, "0 or more"),
             ("kl_estimator", self.kl_estimator in ("k1", "k3"), "k1 or k3"),
             ("max_grad_norm", self.max_grad_norm > 0, "above 0"),
-            ("target_kl", self.target_kl is None or self.target_kl > 0, "None or above 0"),
+            ("target_kl", self.target_kl is None or self.target_kl >= 0, "None or 0 or more"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -369,8 +369,8 @@ class PPOModule(HFModule):
             "objective/rlhf_reward": (ro["scores"] - beta * kl_sum).mean(),
             "objective/entropy": mean["ent"], "objective/kl_coef": float(beta),
             "policy/approxkl": mean["approxkl"], "policy/clipfrac": mean["clipfrac"],
-            "loss/policy": mean["pg"], "loss/value": mean["vf"], "val/clipfrac": mean["vf_clipfrac"],
-            "val/explained_variance": explained_variance(ro["values"], returns, m),
+            "loss/policy": mean["pg"], "loss/value": mean["vf"], "value/clipfrac": mean["vf_clipfrac"],
+            "value/explained_variance": explained_variance(ro["values"], returns, m),
             "response/length": lengths.mean(), "response/eos_share": ro["has_eos"].float().mean(),
             "response/empty_share": (lengths <= ro["has_eos"].float()).float().mean(),
             "perf/episodes_per_sec": m.shape[0] * self.trainer.world_size / step_time,
@@ -414,6 +414,10 @@ class PPOModule(HFModule):
             f"ppo: non-finite {', '.join(bad) or 'value on another rank'} at rollout {self.rollouts_done} "
             f"({step}, optimizer step {self.global_step}); checkpoint saved to {path}"
         )
+
+    def run_progress(self) -> tuple[int, int, str]:
+        """(rollouts done, ``total_rollouts``, unit) for the run's progress bar (``cai.progress``)."""
+        return self.rollouts_done, self.cfg.total_rollouts, "rollout"
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

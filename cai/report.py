@@ -18,11 +18,13 @@ STAGES = {"sft": "SFT (SL-CAI model)", "pm": "Preference model", "ppo": "PPO (RL
 KNOWN_TAGS = tuple(
     "loss/train val/loss val/perplexity train/accuracy val/accuracy val/calibration_error val/margin objective/scores "
     "objective/kl objective/rlhf_reward objective/entropy objective/kl_coef loss/policy loss/value policy/approxkl "
-    "policy/clipfrac val/explained_variance response/length".split()
+    "policy/clipfrac value/explained_variance value/clipfrac response/length".split()
 )
 """Scalar tags plotted first, in this order; other tags follow (up to ``MAX_PANELS``)."""
+RENAMED_TAGS = {"ppo": {"val/clipfrac": "value/clipfrac", "val/explained_variance": "value/explained_variance"}}
+"""Stage -> {old tag: new tag}: PPO's value-head metrics were logged under ``val/`` before, which means validation."""
 SKIPPED_TAGS = ("epoch", "hp_metric")
-MAX_PANELS = 16
+MAX_PANELS = 18
 SECTION_TITLES = {
     "summary": "How the run went",
     "curves": "Training curves",
@@ -32,7 +34,14 @@ SECTION_TITLES = {
     "configs": "Configs",
 }
 NUM_SAMPLES = 3
+"""Held-out prompts shown per prompt set, every evaluated model's answer side by side."""
+NUM_CRITIQUE_SAMPLES = 2
+"""SL-CAI records shown with their critiques and revisions."""
+MODEL_ORDER = ("base", "sl-cai", "rl-cai")
+"""Evaluated models in this order first (the method's order), any others after."""
 CELL_CHARS = 600
+NEAR_CHANCE = 0.05
+"""A prompt set whose soft win rates all lie within this of 0.5 gets a note: its Elo and hard rates say little."""
 
 
 def read_scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -79,7 +88,8 @@ def plot_curves(scalars: dict, title: str, path: Path) -> Path:
     cols = min(3, len(tags))
     rows = -(-len(tags) // cols)
     plt = _plt()
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    # The constrained layout keeps room for the suptitle; tight_layout let it run into the first row's titles.
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     for ax, tag in zip(axes.flat, tags):
         steps, values = zip(*scalars[tag])
         ax.plot(steps, values, marker="o" if len(steps) < 20 else None, ms=3)
@@ -90,7 +100,6 @@ def plot_curves(scalars: dict, title: str, path: Path) -> Path:
     for ax in list(axes.flat)[len(tags) :]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -99,7 +108,7 @@ def plot_curves(scalars: dict, title: str, path: Path) -> Path:
 def plot_label_histogram(records: list[dict], path: Path) -> Path:
     """Histograms of the AI labels: P(response_a better) and P(chosen better)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     for ax, key, bins, note in (
         (axes[0], "p_a", [i / 20 for i in range(21)], "P(response A better); 0.5: no preference"),
         (axes[1], "p_chosen", [0.5 + i / 40 for i in range(21)], "P(chosen better) = max(p_a, 1 - p_a)"),
@@ -111,7 +120,6 @@ def plot_label_histogram(records: list[dict], path: Path) -> Path:
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8)
     fig.suptitle(f"AI feedback labels ({len(records)} pairs)")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -171,6 +179,8 @@ class Report:
         self.fig_dir = self.run / "report"
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         self.scalars = {s: _safe(read_scalars, self.run / s, {}) if (self.run / s).is_dir() else {} for s in STAGES}
+        for stage, renames in RENAMED_TAGS.items():  # runs logged before a rename plot under the new names
+            self.scalars[stage] = {renames.get(t, t): v for t, v in self.scalars[stage].items()}
         self.eval = _safe(read_json, self.run / "eval" / "eval.json", None)
 
     def image(self, path: Path, alt: str) -> str:
@@ -256,7 +266,7 @@ class Report:
         """Win rates, Elo and preference-model scores from ``eval/eval.json``."""
         if self.eval is None:
             return ["Not run: no `eval/eval.json`.", ""]
-        lines: list[str] = []
+        lines: list[str] = [WIN_RATES_EXPLAINED, ""]
         if (self.run / "eval" / "winrates.png").exists():
             lines += [self.image(self.run / "eval" / "winrates.png", "win rates and Elo"), ""]
         labels = self.eval["labels"]
@@ -269,6 +279,9 @@ class Report:
                 f"Position bias, the mean probability of picking option (A): {fmt(s['position_bias'])} (0.5: none; "
                 "each pair is judged in both orders and averaged).",
                 "",
+            ]
+            lines += near_chance_note(s, labels)
+            lines += [
                 "| P(row better than column) (hard win rate) | " + " | ".join(labels) + " | PM score |",
                 "|---|" + "---|" * (len(labels) + 1),
             ]
@@ -283,48 +296,79 @@ class Report:
         return lines
 
     def samples(self) -> list[str]:
-        """A few red-team prompts through SL-CAI (initial, critiques, revisions) and, where evaluated, RL-CAI."""
+        """Held-out prompts with every evaluated model's answer side by side, then SL-CAI critique-revision examples.
+
+        The evaluation's prompts are held out from training, so SL-CAI records (training prompts) never have an
+        RL-CAI answer: the side-by-side samples come from ``eval/responses.jsonl``, the critiques from the records.
+        """
         lines: list[str] = []
-        records = [r for r in read_jsonl(self.run / "sl_data" / "records.jsonl") if r.get("kind") == "red_team"]
         responses = read_jsonl(self.run / "eval" / "responses.jsonl")
+        if responses:
+            lines += self._eval_samples(responses)
+        else:
+            lines += ["Held-out answers: not run (no `eval/responses.jsonl`).", ""]
+        lines += ["### SL-CAI: critiques and revisions of a training prompt", ""]
+        records = [r for r in read_jsonl(self.run / "sl_data" / "records.jsonl") if r.get("kind") == "red_team"]
         if not records:
-            lines += ["SL-CAI samples: not run (no red-team records in `sl_data/records.jsonl`).", ""]
-        rl = {r["id"]: r["response"] for r in responses if r["label"] == "rl-cai"}
-        records.sort(key=lambda r: r["id"] not in rl)  # prompts with an RL-CAI response first
-        for r in records[:NUM_SAMPLES]:
+            return lines + ["SL-CAI samples: not run (no red-team records in `sl_data/records.jsonl`).", ""]
+        lines += [
+            "The model's first answer to a red-team prompt, its critiques by randomly drawn principles, its "
+            "revisions, and the final revision that SFT trains on.",
+            "",
+        ]
+        for r in records[:NUM_CRITIQUE_SAMPLES]:
             rounds = "<br><br>".join(
                 f"**{k + 1}. {x['principle_id']}:** {cell(x['critique'], 300)}" for k, x in enumerate(r["rounds"])
             )
             revisions = "<br><br>".join(f"**{k + 1}.** {cell(x['revision'], 300)}" for k, x in enumerate(r["rounds"]))
-            head = "| initial response | critiques | revisions | final revision (SFT target) | RL-CAI response |"
-            rl_text = cell(rl[r["id"]]) if r["id"] in rl else "*(not evaluated on this prompt)*"
             lines += [
                 f"**Prompt `{r['id']}`:** {cell(r['prompt'])}",
                 "",
-                head,
-                "|---|---|---|---|---|",
+                "| initial response | critiques | revisions | final revision (SFT target) |",
+                "|---|---|---|---|",
                 f"| {cell(r['initial_response'])} | {rounds or '-'} | {revisions or '-'} | "
-                f"{cell(r['final_response'])} | {rl_text} |",
+                f"{cell(r['final_response'])} |",
                 "",
             ]
-        if responses:
-            lines += self._eval_samples(responses)
         return lines
 
     def _eval_samples(self, responses: list[dict]) -> list[str]:
-        labels = list(dict.fromkeys(r["label"] for r in responses))
+        """``NUM_SAMPLES`` held-out prompts per prompt set: each model's answer and the feedback model's verdict."""
+        present = list(dict.fromkeys(r["label"] for r in responses))
+        labels = [m for m in MODEL_ORDER if m in present] + [m for m in present if m not in MODEL_ORDER]
+        anchor = (self.eval or {}).get("labels", labels)[0]
+        verdict: dict[tuple, float] = {}  # (set, id, model) -> P(model's answer better than the anchor's)
+        for c in read_jsonl(self.run / "eval" / "comparisons.jsonl"):
+            if c.get("a") == anchor:
+                verdict[(c["set"], c["id"], c["b"])] = 1 - c["p_a"]
+            elif c.get("b") == anchor:
+                verdict[(c["set"], c["id"], c["a"])] = c["p_a"]
         by_prompt: dict[tuple, dict] = {}
         for r in responses:
-            by_prompt.setdefault((r["set"], r["id"], r["prompt"]), {})[r["label"]] = r["response"]
+            by_prompt.setdefault((r["set"], r["id"]), {"prompt": r["prompt"]})[r["label"]] = r
+        note = f" and the feedback model's P(answer better than {anchor}'s), both orders averaged" if verdict else ""
         lines = [
-            "### Held-out prompts, every evaluated model",
+            "### Held-out prompts: every evaluated model's answer",
             "",
-            "| prompt | " + " | ".join(labels) + " |",
-            "|---|" + "---|" * len(labels),
+            f"Prompts of the evaluation (held out from training), {NUM_SAMPLES} per prompt set, with each model's "
+            f"answer{note}. *(cut off)*: the answer ran to `max_new_tokens` without ending.",
+            "",
         ]
-        for (kind, _, prompt), answers in list(by_prompt.items())[: 2 * NUM_SAMPLES]:
-            lines.append(f"| ({kind}) {cell(prompt)} | " + " | ".join(cell(answers.get(m)) for m in labels) + " |")
-        return lines + [""]
+        shown: dict[str, int] = {}
+        for (kind, pid), group in by_prompt.items():
+            if shown.get(kind, 0) >= NUM_SAMPLES:
+                continue
+            shown[kind] = shown.get(kind, 0) + 1
+            head, rule = ("| model | answer | P(better than " + anchor + ") |", "|---|---|---|") if verdict else (
+                "| model | answer |", "|---|---|")  # fmt: skip
+            lines += [f"**{kind} prompt `{pid}`:** {cell(group['prompt'])}", "", head, rule]
+            for m in labels:
+                r = group.get(m)
+                text = cell(r["response"]) + (" *(cut off)*" if r.get("finished") is False else "") if r else "-"
+                p = "-" if m == anchor else fmt(verdict.get((kind, pid, m)))
+                lines.append(f"| {m} | {text} |" + (f" {p} |" if verdict else ""))
+            lines.append("")
+        return lines
 
     def configs(self) -> list[str]:
         """The pipeline's config and every stage's saved LightningCLI config, collapsed."""
@@ -340,6 +384,35 @@ class Report:
         if self.eval:
             lines += details("evaluation settings", "json", json.dumps(self.eval.get("settings", {}), indent=2))
         return lines
+
+
+WIN_RATES_EXPLAINED = (
+    "**How to read these numbers.** Every pair of models answers the same held-out prompt, and the feedback model "
+    "is asked which answer is better, once with each answer shown as option (A): P(row better) is the mean of the "
+    "two orders, which cancels a preference for a position. The *soft win rate* (the first number in each cell) "
+    "is the mean of P(row better) over the prompts. The *hard win rate* (in brackets) is the share of prompts "
+    "where P(row better) was above 0.5 (exactly 0.5 counts half): it counts which side the feedback model leaned "
+    "to, not by how much. Elo is fitted (Bradley-Terry) to the soft probabilities, relative to the first model; "
+    "+200 Elo is a 76% soft win rate. So Elo can be flat while the hard win rates look lopsided: a feedback model "
+    "that answers near 0.5 on every pair (it cannot tell the answers apart) gives Elo near 0 for every model, "
+    "even when, say, 0.501 against 0.499 on most prompts makes a hard win rate of 0.75."
+)
+"""The paragraph in front of the evaluation's tables."""
+
+
+def near_chance_note(s: dict, labels: list[str]) -> list[str]:
+    """A note when every soft win rate of the prompt set ``s`` lies within ``NEAR_CHANCE`` of 0.5."""
+    rates = [s["win_rate"][a][b] for a in labels for b in labels if a != b and s["win_rate"][a].get(b) is not None]
+    if not rates:
+        return []
+    spread = max(abs(r - 0.5) for r in rates)
+    if spread >= NEAR_CHANCE:
+        return []
+    return [
+        f"Every soft win rate here lies within {spread:.3f} of 0.5: the feedback model barely prefers either "
+        "answer, so the Elo differences and the hard win rates below say little about the models.",
+        "",
+    ]
 
 
 def details(summary: str, lang: str, text: str) -> list[str]:

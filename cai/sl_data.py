@@ -7,7 +7,10 @@ prompts are mixed in with plain responses (no critique), as the paper does to ke
 
 Every round advances all prompts of a chunk together, in batches. Each chunk's records are appended to
 ``records.jsonl`` as soon as the chunk is done, so a killed run loses at most one chunk of work and started again
-with the same command continues where it stopped.
+with the same command continues where it stopped. The resumed run is the same run: every sample is keyed by (seed,
+prompt id, step) (``Generator.generate(keys=...)``), so no record depends on the chunking, the batching or where the
+run was killed. The output folder's ``settings.json`` holds the settings that determine the records; a rerun with
+other settings stops before any work unless ``overwrite`` is set.
 
 Each round restarts from "Human: prompt / Assistant: latest response" rather than appending all earlier rounds to
 one growing context (the paper's transcripts grow); the model is asked the same thing and the context stays bounded.
@@ -23,11 +26,11 @@ Run as ``cai sl-data --config configs/sl_data/tiny.yaml``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
-import zlib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -36,9 +39,10 @@ from tqdm.auto import tqdm
 from cai.constitution import Constitution, load_constitution
 from cai.generation import Generator, SamplingConfig
 from data.formats import PromptFormat
-from data.jsonl import ResumableJsonl
+from data.jsonl import ResumableJsonl, check_out_dir, claim_out_dir
 from data.prompts import load_prompts_with_stats, mix_prompts
 from models import ModelConfig, load_model, load_tokenizer, resolve_device
+from models.errors import UserError, check_positive
 
 
 @dataclass
@@ -61,6 +65,9 @@ class PromptSources:
     """Leave out the last N prompts of each set (``cai eval`` takes its held-out prompts from the end)."""
     max_prompt_chars: int | None = 4000
     """Skip (and count) prompts longer than this many characters."""
+    max_prompt_tokens: int | None = 1024
+    """Skip (and count) prompts longer than this many tokens of the model's tokenizer (the bare prompt); whatever
+    ``max_prompt_chars`` says, this bounds the memory a prompt can take."""
     seed: int = 0
     """Seed of the mixing and shuffling."""
 
@@ -86,11 +93,11 @@ class CritiqueConfig:
 
     def __post_init__(self):
         if self.rounds < 0:
-            raise ValueError(f"critique.rounds={self.rounds}: must be 0 or more")
+            raise UserError(f"critique.rounds={self.rounds}: must be 0 or more")
         if self.num_few_shot is not None and self.num_few_shot < 0:
-            raise ValueError(f"critique.num_few_shot={self.num_few_shot}: must be None (all) or 0 or more")
+            raise UserError(f"critique.num_few_shot={self.num_few_shot}: must be None (all) or 0 or more")
         if self.style not in ("plain", "strong", "cot"):
-            raise ValueError(f"critique.style={self.style!r}: must be plain, strong or cot")
+            raise UserError(f"critique.style={self.style!r}: must be plain, strong or cot")
 
 
 def critique_revise(
@@ -119,14 +126,16 @@ def critique_revise(
     stats.setdefault("unfinished_revisions", 0)
 
     def seeded(step: str, stops: str) -> SamplingConfig:
-        # A fresh seed per call: reusing one seed for every call would correlate the samples of different rounds.
-        # Keyed by the chunk's first id, so a resumed run draws the same numbers for the same chunk.
-        key = zlib.crc32(f"{sampling.seed}/{rows[0]['id']}/{step}".encode())
         # The initial answer is a prompt for the format to render; critiques and revisions come rendered already.
         how = sampling.prompt_format if step == "initial" else "raw"
-        return replace(sampling, seed=key, num_samples=1, stop=fmt.stop_strings(stops), prompt_format=how)
+        return replace(sampling, num_samples=1, stop=fmt.stop_strings(stops), prompt_format=how)
 
-    initial = gen.generate([r["prompt"] for r in rows], seeded("initial", "critique"))
+    def keys(recs: list[dict], step: str) -> list[str]:
+        # Every sample is keyed by (seed, prompt id, step): the same whatever the chunking, the batching or what a
+        # killed run had done, and different between steps (one seed for every call would correlate the rounds).
+        return [f"{rec['id']}/{step}" for rec in recs]
+
+    initial = gen.generate([r["prompt"] for r in rows], seeded("initial", "critique"), keys=keys(rows, "initial"))
     records = []
     for r, g in zip(rows, initial):
         records.append(
@@ -155,11 +164,15 @@ def critique_revise(
             fmt.critique_prompt(shots, rec["prompt"], rec["final_response"], p.critique_request, cfg.style)
             for rec, p in zip(todo, principles)
         ]
-        critiques = [g[0] for g in gen.generate(c_prompts, seeded(f"critique{k}", "critique"))]
+        critiques = [
+            g[0] for g in gen.generate(c_prompts, seeded(f"critique{k}", "critique"), keys=keys(todo, f"critique{k}"))
+        ]
         r_prompts = [
             fmt.revision_prompt(cp, c.text, p.revision_request) for cp, c, p in zip(c_prompts, critiques, principles)
         ]
-        revisions = [g[0] for g in gen.generate(r_prompts, seeded(f"revision{k}", "critique"))]
+        revisions = [
+            g[0] for g in gen.generate(r_prompts, seeded(f"revision{k}", "critique"), keys=keys(todo, f"revision{k}"))
+        ]
         for rec, p, c, rev in zip(todo, principles, critiques, revisions):
             rec["rounds"].append(
                 {
@@ -186,28 +199,43 @@ def critique_revise(
     return records
 
 
+def _without(d: dict, *names: str) -> dict:
+    return {k: v for k, v in d.items() if k not in names}
+
+
+def constitution_fingerprint(const: Constitution) -> dict:
+    """What identifies a constitution in ``settings.json``: its name and a hash of its content (not its path)."""
+    content = json.dumps(_without(asdict(const), "source"), sort_keys=True, ensure_ascii=False)
+    return {"name": const.name, "sha256": hashlib.sha256(content.encode()).hexdigest()}
+
+
 def _drop_last(ds, n: int):
     return ds.select(range(max(0, len(ds) - n))) if n else ds
 
 
-def load_prompt_mix(src: PromptSources) -> tuple[list[dict], dict]:
-    """Load, clean and mix the red-team and helpful prompts. Returns the rows and the skip counters."""
-    red, red_stats = load_prompts_with_stats(
-        src.red_team, prompt_column=src.prompt_column, max_chars=src.max_prompt_chars
-    )
-    counts = {"skipped_empty": red_stats.skipped_empty, "skipped_too_long": red_stats.skipped_too_long}
+def load_prompt_mix(src: PromptSources, tokenizer=None) -> tuple[list[dict], dict]:
+    """Load, clean and mix the red-team and helpful prompts. Returns the rows and the skip counters.
+
+    With a ``tokenizer``, prompts longer than ``src.max_prompt_tokens`` tokens are skipped too (and counted), so
+    memory stays bounded whatever the character limit says.
+    """
+    limits = {"max_chars": src.max_prompt_chars, "max_tokens": src.max_prompt_tokens, "tokenizer": tokenizer}
+    if tokenizer is None:
+        limits["max_tokens"] = None
+    red, red_stats = load_prompts_with_stats(src.red_team, prompt_column=src.prompt_column, **limits)
+    keys = ("skipped_empty", "skipped_too_long", "skipped_too_many_tokens")
+    counts = {k: getattr(red_stats, k) for k in keys}
     red = _drop_last(red, src.hold_out_last)
     if src.helpful and src.helpful_ratio > 0:
         column = src.helpful_prompt_column or src.prompt_column
-        helpful, h_stats = load_prompts_with_stats(src.helpful, prompt_column=column, max_chars=src.max_prompt_chars)
-        counts["skipped_empty"] += h_stats.skipped_empty
-        counts["skipped_too_long"] += h_stats.skipped_too_long
+        helpful, h_stats = load_prompts_with_stats(src.helpful, prompt_column=column, **limits)
+        counts = {k: counts[k] + getattr(h_stats, k) for k in keys}
         mixed = mix_prompts(red, _drop_last(helpful, src.hold_out_last), src.helpful_ratio, seed=src.seed)
     else:
         mixed = red.add_column("kind", ["red_team"] * len(red))
     rows = [{"id": str(r["id"]), "prompt": r["prompt"], "kind": r["kind"]} for r in mixed]
     if len(set(r["id"] for r in rows)) != len(rows):
-        raise ValueError("sl-data: red-team and helpful prompt ids overlap; give the two sets distinct ids")
+        raise UserError("sl-data: red-team and helpful prompt ids overlap; give the two sets distinct ids")
     return rows[: src.max_prompts] if src.max_prompts else rows, counts
 
 
@@ -240,6 +268,7 @@ def run(
     constitution: str = "default",
     chunk_size: int = 64,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Generate SL-CAI critique-revision data; resumes when ``out`` already holds part of it.
 
@@ -250,21 +279,36 @@ def run(
         critique: Rounds, critique style and few-shot settings.
         sampling: Sampling settings (temperature, top_p, max_new_tokens, batch_size, seed).
         constitution: ``default``, a project YAML file, or a folder with the paper's JSON files.
-        chunk_size: Prompts per chunk; a chunk's records are written together when it finishes.
+        chunk_size: Prompts per chunk; a chunk's records are written together when it finishes. Records do not
+            depend on it (nor on ``sampling.batch_size``): every sample is keyed by prompt id and step.
         device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+        overwrite: Start again when ``out`` holds a run with other settings (its records are removed). Without it
+            such a rerun stops before any work, naming the first setting that differs (``out/settings.json``).
     """
     if model is None:
-        raise ValueError("sl-data: model.name_or_path is required (a model directory or hub id)")
+        raise UserError("sl-data: model.name_or_path is required (a model directory or hub id)")
+    check_positive(chunk_size, "chunk_size")
     prompts, critique, sampling = prompts or PromptSources(), critique or CritiqueConfig(), sampling or SamplingConfig()
-    out_dir = Path(out)
+    out_dir = check_out_dir(out, "sl-data")
     const = load_constitution(constitution)
-    rows, counts = load_prompt_mix(prompts)
+    tok = load_tokenizer(model.tokenizer or model.name_or_path, padding_side="left")
+    rows, counts = load_prompt_mix(prompts, tok)
+    fmt = PromptFormat(tok, sampling.prompt_format)  # checked before any work
+    settings = {
+        "stage": "sl-data",
+        "model": asdict(model),
+        "prompts": asdict(prompts),
+        "critique": asdict(critique),
+        # batch_size does not change records; num_samples and stop are set per step by critique_revise.
+        "sampling": _without(asdict(sampling), "batch_size", "num_samples", "stop"),
+        "constitution": constitution_fingerprint(const),
+        "prompt_format": fmt.kind,
+    }
+    claim_out_dir(out_dir, settings, "sl-data", overwrite, ["records.jsonl", "summary.json", "sft"])
     store = ResumableJsonl(out_dir / "records.jsonl")
     todo = [r for r in rows if r["id"] not in store.done]
     print(f"sl-data: {len(rows)} prompts, {len(rows) - len(todo)} already done, {len(todo)} to go -> {out_dir}")
     stats = {"empty_revisions": 0, "unfinished_revisions": 0}
-    tok = load_tokenizer(model.tokenizer or model.name_or_path, padding_side="left")
-    fmt = PromptFormat(tok, sampling.prompt_format)  # checked before any work
     if todo:
         dev = resolve_device(device)
         gen = Generator(load_model(model).to(dev), tok, sampling)

@@ -122,6 +122,10 @@ class HFModule(L.LightningModule):
         hf_out: str | None = None,
     ):
         super().__init__()
+        from models.errors import check_output_dir
+
+        if hf_out:  # checked now: a bad folder found only after training would lose the export
+            check_output_dir(hf_out, "model.hf_out")
         self.model_cfg, self.optim_cfg = model, optim or OptimConfig()
         self.gradient_checkpointing, self.hf_out = gradient_checkpointing, hf_out
         self.model: torch.nn.Module | None = None
@@ -200,10 +204,15 @@ def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataMod
 
     The data's tokenizer is linked to the model's, so it is written once in a config. The CLI (jsonargparse and its
     helpers) is imported here, not with this module, so that importing a stage costs only what training needs.
+    The progress bar is ``cai.progress.RunProgressBar`` (steps or PPO rollouts out of the whole run, with an ETA),
+    unless the config names another progress bar callback or sets ``trainer.enable_progress_bar: false``.
     """
     import inspect
 
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
+
+    from cai.progress import RunProgressBar
 
     class CAICLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -213,4 +222,19 @@ def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataMod
             if "prompt_format" in inspect.signature(module.__init__).parameters:  # PPO: the policy's format rules
                 parser.link_arguments("model.prompt_format", "data.prompt_format")
 
-    return CAICLI(module, datamodule, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            # LightningCLI appends trainer_defaults' callbacks to the config's; ours gives way to the user's choice.
+            own = config.get("callbacks") or []
+            own = own if isinstance(own, list) else [own]
+            if config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in own + callbacks):
+                self.trainer_defaults = {k: v for k, v in self.trainer_defaults.items() if k != "callbacks"}
+            return super()._instantiate_trainer(config, callbacks)
+
+    return CAICLI(
+        module,
+        datamodule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": prog},
+        trainer_defaults={"callbacks": [RunProgressBar()]},
+    )

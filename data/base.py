@@ -11,6 +11,19 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from models import load_tokenizer
+from models.errors import UserError, check_positive
+
+
+def check_split_settings(max_length: int, batch_size: int, num_workers: int, val_fraction: float, prompt_format: str):
+    """Refuse out-of-range settings of a tokenized-split DataModule (SFT, preference) before any data is read."""
+    check_positive(max_length, "data.max_length")
+    check_positive(batch_size, "data.batch_size")
+    if prompt_format not in ("auto", "chat", "transcript"):
+        raise UserError(f"data.prompt_format={prompt_format!r}: must be auto, chat or transcript")
+    check_positive(num_workers + 1, "data.num_workers + 1")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+
 
 # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates, once per epoch; nothing for a user to act on.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import torch
 
-from data.base import SplitDataModule
+from data.base import SplitDataModule, check_split_settings
 from data.formats import PromptFormat, transcript_to_messages
 from data.sft import load_any_dataset
 from models import load_tokenizer
+from models.errors import UserError
 
 
-def pair_texts(example: dict, fmt: PromptFormat, source: str = "dataset") -> tuple[str, str]:
+def pair_texts(example: dict, fmt: PromptFormat, source: str = "dataset", row: int | None = None) -> tuple[str, str]:
     """The two full texts (chosen, rejected) of one row, in the run's prompt format."""
     for col in ("chosen", "rejected"):
         if col not in example:
-            raise ValueError(f"{source}: no column {col!r}; columns are: {', '.join(example)}")
+            raise UserError(f"{source}: no column {col!r}; columns are: {', '.join(example)}")
+        if not isinstance(example[col], str):
+            where = f"row {row}" if row is not None else f"row {example.get('id', '?')}"
+            raise UserError(f"{source}: {where}: {col!r} must be a string, got {type(example[col]).__name__}")
     if example.get("prompt") is None:  # hh-rlhf: both columns are whole transcripts
         turns = [transcript_to_messages(example[c]) for c in ("chosen", "rejected")]
         if not fmt.is_chat or not all(len(t) > 1 and t[-1]["role"] == "assistant" for t in turns):
@@ -44,7 +48,12 @@ def shared_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 def tokenize_pair(
-    example: dict, fmt: PromptFormat, max_length: int, hard_labels: bool, source: str = "dataset"
+    example: dict,
+    fmt: PromptFormat,
+    max_length: int,
+    hard_labels: bool,
+    source: str = "dataset",
+    row: int | None = None,
 ) -> dict:
     """Token ids of both texts, cut from the left to ``max_length`` (the reward is read at the end), and the label.
 
@@ -52,7 +61,16 @@ def tokenize_pair(
     two responses are judged in the same context and still share their prefix (``PreferenceCollator``); otherwise
     each keeps its last ``max_length`` tokens.
     """
-    chosen, rejected = pair_texts(example, fmt, source)
+    where = f"{source}: row {row if row is not None else example.get('id', '?')}"
+    raw = example.get("p_chosen")
+    if raw is not None and not hard_labels:
+        try:
+            p = float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: p_chosen={raw!r} is not a number") from None
+        if not 0.0 <= p <= 1.0:  # NaN fails this too
+            raise UserError(f"{where}: p_chosen={raw!r} is not a probability in [0, 1]")
+    chosen, rejected = pair_texts(example, fmt, source, row)
     tokenizer = fmt.tokenizer
     ids_c = tokenizer(chosen, add_special_tokens=False)["input_ids"]
     ids_r = tokenizer(rejected, add_special_tokens=False)["input_ids"]
@@ -61,10 +79,7 @@ def tokenize_pair(
         ids_c, ids_r = ids_c[over:], ids_r[over:]
     elif over > 0:
         ids_c, ids_r = ids_c[-max_length:], ids_r[-max_length:]
-    p = example.get("p_chosen")
-    p = 1.0 if hard_labels or p is None else float(p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{source}: row {example.get('id', '?')}: p_chosen={p} is not a probability")
+    p = 1.0 if hard_labels or raw is None else float(raw)
     return {"chosen_ids": ids_c, "rejected_ids": ids_r, "p_chosen": p}
 
 
@@ -179,16 +194,23 @@ class PreferenceDataModule(SplitDataModule):
         prompt_format: str = "auto",
     ):
         super().__init__()
+        check_split_settings(max_length, batch_size, num_workers, val_fraction, prompt_format)
         self.save_hyperparameters()
 
     def prepare_split(self, path: str, train: bool):
         # Validation keeps the soft labels, so that soft- and hard-label runs are measured against the same thing.
         h = self.hparams
         fmt = PromptFormat(load_tokenizer(h.tokenizer, padding_side="right"), h.prompt_format)
-        ds = load_any_dataset(path)
+        ds = load_any_dataset(path, what="data.train" if train or not h.val else "data.val")
+        for col in ("chosen", "rejected"):
+            if col not in ds.column_names:
+                raise UserError(f"{path}: no column {col!r}; columns are: {', '.join(ds.column_names)}")
         hard = h.hard_labels and train
         return ds.map(
-            lambda e: tokenize_pair(e, fmt, h.max_length, hard, path), remove_columns=ds.column_names, desc="tokenize"
+            lambda e, i: tokenize_pair(e, fmt, h.max_length, hard, path, i + 1),
+            with_indices=True,
+            remove_columns=ds.column_names,
+            desc="tokenize",
         )
 
     def finish_train_split(self, ds):

@@ -13,6 +13,7 @@ from data.base import resumable_loader
 from data.formats import PromptFormat
 from data.prompts import load_prompts_with_stats
 from models import load_tokenizer
+from models.errors import UserError, check_positive
 
 
 def collate_prompts(rows: list[dict]) -> dict[str, list]:
@@ -50,6 +51,14 @@ class PromptDataModule(L.LightningDataModule):
         prompt_format: str = "auto",
     ):
         super().__init__()
+        check_positive(batch_size, "data.batch_size")
+        if prompt_format not in ("auto", "chat", "transcript"):
+            raise UserError(f"data.prompt_format={prompt_format!r}: must be auto, chat or transcript")
+        check_positive(max_prompt_tokens, "data.max_prompt_tokens")
+        check_positive(max_prompts, "data.max_prompts", allow_none=True)
+        check_positive(num_workers + 1, "data.num_workers + 1")
+        if hold_out_last < 0:
+            raise UserError(f"data.hold_out_last={hold_out_last}: must be 0 or more")
         self.save_hyperparameters()
         self.skipped_too_long = 0
 
@@ -57,18 +66,19 @@ class PromptDataModule(L.LightningDataModule):
         if hasattr(self, "train_set"):
             return
         h = self.hparams
+        fmt = PromptFormat(load_tokenizer(h.tokenizer), h.prompt_format)
+        # Prompts over data.prompts.HARD_MAX_CHARS characters are skipped unread, so tokenizing below is bounded.
         ds, stats = load_prompts_with_stats(h.prompts, prompt_column=h.prompt_column)
         ds = ds.select(range(max(0, len(ds) - h.hold_out_last)))
         ds = ds.select(range(min(len(ds), h.max_prompts or len(ds))))
-        fmt = PromptFormat(load_tokenizer(h.tokenizer), h.prompt_format)
         texts = [fmt.prompt(p) for p in ds["prompt"]]
         lengths = [len(x) for x in fmt.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         keep = [i for i, n in enumerate(lengths) if n <= h.max_prompt_tokens]
-        self.skipped_too_long = len(ds) - len(keep)
+        self.skipped_too_long = len(ds) - len(keep) + stats.skipped_too_long
         self.skipped_empty = stats.skipped_empty
         self.train_set = ds.select(keep)
         if not len(self.train_set):
-            raise ValueError(f"{h.prompts}: no prompt fits max_prompt_tokens={h.max_prompt_tokens}")
+            raise UserError(f"{h.prompts}: no prompt fits max_prompt_tokens={h.max_prompt_tokens}")
         rank_zero_info(
             f"ppo prompts: {len(keep)} used, {self.skipped_too_long} longer than {h.max_prompt_tokens} "
             f"tokens and {stats.skipped_empty} empty skipped"

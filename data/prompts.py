@@ -24,6 +24,8 @@ from typing import Any
 
 import datasets
 
+from models.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BUILTIN_SETS = ("red_team", "helpful")
@@ -32,11 +34,19 @@ BUILTIN_SETS = ("red_team", "helpful")
 FORMATS = ("auto", "text", "messages", "hh")
 """Prompt column forms: ``auto`` detects per row (a list is chat messages, text starting with ``Human:`` is hh)."""
 
+HARD_MAX_CHARS = 50_000
+"""Prompts longer than this many characters are skipped (and counted) whatever ``max_chars`` says, unless a token
+limit is given: one huge prompt would otherwise make every later step (tokenizing, sampling) grow without bound."""
+
+CHARS_PER_TOKEN_CAP = 32
+"""With a token limit, prompts longer than ``max_tokens * CHARS_PER_TOKEN_CAP`` characters are skipped without being
+tokenized (no tokenizer makes tokens that long on average), so counting the tokens of a prompt is bounded too."""
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _STRING = datasets.Value("string")
 
 
-class PromptDataError(ValueError):
+class PromptDataError(UserError):
     """A prompt source is missing or malformed. The message is one line naming the file."""
 
 
@@ -53,7 +63,9 @@ class PromptStats:
     skipped_empty: int = 0
     """Rows whose prompt was missing, empty or whitespace."""
     skipped_too_long: int = 0
-    """Rows whose prompt had more than ``max_chars`` characters."""
+    """Rows whose prompt was too long: over ``max_chars`` characters (or the hard cap) or ``max_tokens`` tokens."""
+    skipped_too_many_tokens: int = 0
+    """Of ``skipped_too_long``, the rows skipped for their token count (or for characters past the token cap)."""
     not_read: int = 0
     """Rows left unread once ``max_prompts`` prompts were kept."""
 
@@ -82,6 +94,8 @@ def load_prompts_with_stats(
     max_chars: int | None = None,
     keep_columns: Sequence[str] = (),
     cache_dir: str | Path | None = None,
+    max_tokens: int | None = None,
+    tokenizer: Any = None,
 ) -> tuple[datasets.Dataset, PromptStats]:
     """Load prompts and report how many rows were kept and skipped.
 
@@ -94,9 +108,13 @@ def load_prompts_with_stats(
         id_column: Column holding unique ids; without it ids are ``f"{stem}-{row:06d}"`` (row counted from 0).
         max_prompts: Keep at most this many prompts (the first ones in file order).
         format: One of :data:`FORMATS`.
-        max_chars: Skip prompts longer than this many characters.
+        max_chars: Skip prompts longer than this many characters. Whatever it says, prompts over
+            :data:`HARD_MAX_CHARS` characters are skipped too when no token limit is given.
         keep_columns: Further columns to copy to the result (e.g. ``"category"``).
         cache_dir: Cache directory for ``datasets.load_dataset`` (its default cache if ``None``).
+        max_tokens: Skip prompts of more than this many tokens of ``tokenizer`` (the bare prompt, no template).
+            Prompts over ``max_tokens * CHARS_PER_TOKEN_CAP`` characters are skipped without tokenizing them.
+        tokenizer: The tokenizer that counts ``max_tokens`` (required with it).
 
     Returns:
         The prompts (columns ``id``, ``prompt``, ``source`` and ``keep_columns``) and the counts.
@@ -106,7 +124,15 @@ def load_prompts_with_stats(
     """
     if format not in FORMATS:
         raise PromptDataError(f"unknown prompt format {format!r}; expected one of: {', '.join(FORMATS)}")
+    for name, value in (("max_prompts", max_prompts), ("max_chars", max_chars), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or value < (0 if name == "max_prompts" else 1)):
+            raise PromptDataError(f"{name}={value!r}: must be at least {0 if name == 'max_prompts' else 1} or None")
+    if max_tokens is not None and tokenizer is None:
+        raise ValueError("load_prompts_with_stats: max_tokens needs the tokenizer that counts them")
+    hard_chars = HARD_MAX_CHARS if max_tokens is None else max_tokens * CHARS_PER_TOKEN_CAP
     table, label, stem = _open(source, split, cache_dir)
+    if len(table) == 0:
+        raise PromptDataError(f"{label}: no rows (an empty file or dataset)")
     columns = table.column_names
     column = _prompt_column(columns, prompt_column, format, label)
     if format == "auto" and column == "chosen" and prompt_column != "chosen":
@@ -124,16 +150,22 @@ def load_prompts_with_stats(
         if max_prompts is not None and len(prompts) >= max_prompts:
             stats.not_read = stats.total - i
             break
-        prompt = _extract(value, format, f"{label}: row {i}")
+        prompt = _extract(value, format, f"{label}: row {i + 1}")
         if prompt is None or not prompt.strip():
             stats.skipped_empty += 1
             continue
         if max_chars is not None and len(prompt) > max_chars:
             stats.skipped_too_long += 1
             continue
-        pid = f"{stem}-{i:06d}" if ids is None else _id(ids[i], f"{label}: row {i}")
+        if len(prompt) > hard_chars or (
+            max_tokens is not None and len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > max_tokens
+        ):
+            stats.skipped_too_long += 1
+            stats.skipped_too_many_tokens += 1
+            continue
+        pid = f"{stem}-{i:06d}" if ids is None else _id(ids[i], f"{label}: row {i + 1}")
         if pid in seen:
-            raise PromptDataError(f"{label}: duplicate id {pid!r} (rows {seen[pid]} and {i})")
+            raise PromptDataError(f"{label}: duplicate id {pid!r} (rows {seen[pid] + 1} and {i + 1})")
         seen[pid] = i
         rows.append(i)
         prompts.append(prompt)
@@ -265,16 +297,36 @@ def _open(source: str | Path, split: str, cache_dir: str | Path | None) -> tuple
             raise PromptDataError(f"unknown built-in prompt set {source!r}; built-in sets: {', '.join(BUILTIN_SETS)}")
         raise PromptDataError(f"{path}: no such file or directory")
     if path.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            raise PromptDataError(f"{path}: not a dataset directory written by save_to_disk") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise PromptDataError(f"{path.name}: no split {split!r}; splits are: {', '.join(loaded)}")
-            loaded = loaded[split]
-        return loaded, path.name, path.name
+        return load_folder(path, split), path.name, path.name
     return _load_file(path, cache_dir), path.name, path.stem
+
+
+def load_folder(path: str | Path, split: str = "train") -> datasets.Dataset:
+    """A ``datasets`` folder written by ``save_to_disk`` (split ``split`` of a ``DatasetDict``).
+
+    Raises:
+        PromptDataError: not such a folder, unreadable, no such split, or no rows (one line naming the folder).
+    """
+    path = Path(path)
+    state = path / "state.json"
+    if state.is_file():  # a 0-row dataset is saved with no data file, which load_from_disk cannot read back
+        try:
+            files = json.loads(state.read_text(encoding="utf-8")).get("_data_files")
+        except (OSError, ValueError):
+            files = None
+        if files == []:
+            raise PromptDataError(f"{path}: no rows (an empty dataset)")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise PromptDataError(f"{path}: not a dataset directory written by save_to_disk") from None
+    except Exception as err:  # a damaged folder: arrow, JSON or index errors
+        raise PromptDataError(f"{path}: cannot load dataset folder: {' '.join(str(err).split())[:300]}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise PromptDataError(f"{path.name}: no split {split!r}; splits are: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded
 
 
 def _load_hub(source: str, split: str, cache_dir: str | Path | None) -> datasets.Dataset:
@@ -293,6 +345,10 @@ def _load_file(path: Path, cache_dir: str | Path | None) -> datasets.Dataset:
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise PromptDataError(f"{path.name}: unsupported file type; expected one of: {', '.join(_BUILDERS)}")
+    if builder in ("json", "csv"):  # pyarrow reads bad bytes into the table and fails only when a row is read
+        where = _not_utf8(path)
+        if where:
+            raise PromptDataError(where)
     try:
         cache = None if cache_dir is None else str(cache_dir)
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
@@ -302,8 +358,14 @@ def _load_file(path: Path, cache_dir: str | Path | None) -> datasets.Dataset:
 
 def _diagnose(path: Path, err: Exception) -> str:
     """Describe why ``datasets`` could not read ``path``, naming the bad line of a JSON file where possible."""
+    if path.suffix.lower() in (".json", ".jsonl", ".csv"):
+        where = _not_utf8(path)
+        if where:
+            return where
     if path.suffix.lower() in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            return f"{path.name}: the file is empty (no rows)"
         try:
             json.loads(text)
             return f"{path.name}: cannot load JSON: the file must hold a list of objects or one object per line"
@@ -320,6 +382,21 @@ def _diagnose(path: Path, err: Exception) -> str:
                 return f"{path.name}: line {number}: expected a JSON object, got {type(row).__name__}"
     cause = err.__cause__ or err
     return f"{path.name}: cannot load {path.suffix.lstrip('.')} file: {' '.join(str(cause).split())[:300]}"
+
+
+def _not_utf8(path: Path) -> str | None:
+    """A one-line message naming the first line of ``path`` that is not UTF-8, or None when all of it is.
+
+    Read line by line, so a large file is never held whole in memory.
+    """
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                byte = line[err.start]
+                return f"{path.name}: line {number}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8"
+    return None
 
 
 def _is_json_object(line: str) -> bool:

@@ -21,44 +21,81 @@ import datasets
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from data.base import SplitDataModule
+from data.base import SplitDataModule, check_split_settings
 from data.formats import PromptFormat
+from data.prompts import _load_file, load_folder
 from models import load_tokenizer
+from models.errors import UserError
 
 IGNORE_INDEX = -100
 
 
-def load_any_dataset(path: str, split: str = "train") -> datasets.Dataset:
-    """Load a ``datasets`` directory, a JSONL/JSON/Parquet/CSV file, or a hub dataset name."""
+def load_any_dataset(path: str, split: str = "train", what: str = "data") -> datasets.Dataset:
+    """Load a ``datasets`` directory, a JSONL/JSON/Parquet/CSV file, or a hub dataset name (``owner/name``).
+
+    Every problem is a one-line :class:`UserError` naming the path: missing, not a dataset folder, unreadable or
+    malformed (the line of a JSON file), no such split, or no rows. ``what`` names the setting in the message.
+    """
     p = Path(path)
     if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    if p.suffix in builders:
+        ds = load_folder(p, split)
+    elif p.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: no such file")
-        return datasets.load_dataset(builders[p.suffix], data_files=str(p), split="train")
-    return datasets.load_dataset(path, split=split)
+            raise UserError(f"{what}: {p}: no such file{_how_to_make(p)}")
+        ds = _load_file(p, None)
+    elif p.exists():
+        raise UserError(f"{what}: {p}: unsupported file type; expected a datasets folder or .jsonl/.json/.parquet/.csv")
+    elif p.parts[:1] == ("runs",) or str(path).startswith((".", "/", "~")) or len(p.parts) != 2:
+        raise UserError(f"{what}: {p}: no such file or folder{_how_to_make(p)}")
+    else:
+        try:
+            ds = datasets.load_dataset(path, split=split)
+        except Exception as err:  # offline, unknown repo, missing split: all the user's to fix
+            raise UserError(f"{what}: {path}: cannot load hub dataset: {' '.join(str(err).split())[:300]}") from None
+    if len(ds) == 0:
+        raise UserError(f"{what}: {p}: no rows (an empty file or dataset)")
+    return ds
 
 
-def tokenize_example(example: dict, fmt: PromptFormat, max_length: int, source: str = "dataset") -> dict:
+def _how_to_make(p: Path) -> str:
+    """A hint naming the stage that writes a missing default input (``runs/.../sl_data/sft``, ``label/pairs``)."""
+    parts = p.parts
+    if len(parts) >= 2 and parts[-2:] == ("sl_data", "sft"):
+        return " (the output of cai sl-data: run it first, or cai pipeline)"
+    if len(parts) >= 2 and parts[-2:] == ("label", "pairs"):
+        return " (the output of cai label: run it first, or cai pipeline)"
+    return ""
+
+
+def tokenize_example(
+    example: dict, fmt: PromptFormat, max_length: int, source: str = "dataset", row: int | None = None
+) -> dict:
     """Tokenize one example into ``input_ids`` and ``labels`` (prompt tokens masked with -100).
 
     ``messages``: the conversation up to the last assistant turn is the prompt, that turn the target. ``prompt`` /
     ``completion``: a one-turn conversation. Both are laid out by ``fmt`` (``data.formats``), so the prompt is the
     text every other stage shows the model, and the target ends with the format's end-of-turn, which teaches the
-    model to stop. Rows longer than ``max_length`` keep their first ``max_length`` tokens.
+    model to stop. Rows longer than ``max_length`` keep their first ``max_length`` tokens. ``row`` (1-based) names
+    the row in error messages.
     """
+    where = f"{source}: row {row if row is not None else example.get('id', '?')}"
     if example.get("messages"):
         msgs = example["messages"]
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            raise UserError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}}")
         if msgs[-1]["role"] != "assistant":
-            raise ValueError(f"{source}: row {example.get('id', '?')}: the last message must be the assistant's")
+            raise UserError(f"{where}: the last message must be the assistant's")
         prompt_text, completion_text = fmt.dialogue(msgs[:-1], msgs[-1]["content"])
     elif "prompt" in example and "completion" in example:
+        for key in ("prompt", "completion"):
+            if not isinstance(example[key], str):
+                raise UserError(f"{where}: {key!r} must be a string, got {type(example[key]).__name__}")
         prompt_text, completion_text = fmt.dialogue(example["prompt"], example["completion"])
     else:
-        raise ValueError(f"{source}: needs a 'messages' column or 'prompt' and 'completion' columns")
+        columns = ", ".join(example)
+        raise UserError(f"{source}: needs a 'messages' column or 'prompt' and 'completion' columns; columns: {columns}")
     tokenizer = fmt.tokenizer
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
@@ -131,13 +168,21 @@ class SFTDataModule(SplitDataModule):
         prompt_format: str = "auto",
     ):
         super().__init__()
+        check_split_settings(max_length, batch_size, num_workers, val_fraction, prompt_format)
         self.save_hyperparameters()
 
     def prepare_split(self, path: str, train: bool) -> datasets.Dataset:
         fmt = PromptFormat(load_tokenizer(self.hparams.tokenizer, padding_side="right"), self.hparams.prompt_format)
-        ds = load_any_dataset(path)
+        ds = load_any_dataset(path, what="data.train" if train or not self.hparams.val else "data.val")
+        columns = set(ds.column_names)
+        if "messages" not in columns and not {"prompt", "completion"} <= columns:
+            raise UserError(
+                f"{path}: needs a 'messages' column or 'prompt' and 'completion' columns; "
+                f"columns are: {', '.join(ds.column_names)}"
+            )
         out = ds.map(
-            lambda e: tokenize_example(e, fmt, self.hparams.max_length + 1, path),
+            lambda e, i: tokenize_example(e, fmt, self.hparams.max_length + 1, path, i + 1),
+            with_indices=True,
             remove_columns=ds.column_names,
             desc="tokenize",
         )

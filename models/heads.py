@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from models.loading import ModelConfig, load_model
+from models.loading import ModelConfig, check_model_folder, load_model
 from models.logprobs import position_ids_from_mask
 
 
@@ -159,6 +159,7 @@ class PreferenceModel(nn.Module):
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig) -> PreferenceModel:
         """Load a saved preference model (``ForSequenceClassification`` format) or start one from a causal LM."""
+        check_model_folder(cfg.name_or_path)  # a missing local folder is a one-line error, never a hub look-up
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
             seq = load_model(cfg, auto_class=AutoModelForSequenceClassification)

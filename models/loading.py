@@ -21,6 +21,8 @@ from typing import Literal, NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from models.errors import UserError
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -101,14 +103,66 @@ def resolve_model_source(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if name.lower().endswith(".gguf"):
         if not path.is_file():
-            raise FileNotFoundError(f"{name}: no such .gguf file")
+            raise ModelNotFoundError(f"{name}: no such .gguf file")
         return ModelSource(str(path.parent), path.name)
     if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{name}: is a file, not a model folder (nor a .gguf file)")
         return ModelSource(str(path), None)
     local = name.startswith((".", "/", "~")) or name.split("/")[0] == "runs" or "\\" in name
-    if local or not _HUB_ID.fullmatch(name):
-        raise FileNotFoundError(f"{name}: no such model directory (a local path; hub ids look like owner/name)")
+    if local or name.count("/") > 1 or not _HUB_ID.fullmatch(name):
+        raise ModelNotFoundError(f"{name}: no such model folder{_how_to_make(name)}")
     return ModelSource(name, None)
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model source that names a local path (or package) that is not there."""
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _how_to_make(name: str) -> str:
+    """A hint naming the command that makes a missing default model folder (``runs/tiny-llama``, a stage's ``hf``)."""
+    parts = Path(name).parts
+    if len(parts) == 2 and parts[0] == "runs" and parts[1].startswith("tiny-"):
+        arch = parts[1][len("tiny-") :] or "llama"
+        return f" (make it with: cai tiny-model --arch {arch} --out {name})"
+    stages = {"sft": "cai sft fit", "pm": "cai pm fit", "ppo": "cai ppo fit", "base_model": "cai pipeline"}
+    if len(parts) >= 3 and parts[0] == "runs" and parts[-1] == "hf" and parts[-2] in stages:
+        return f" (the output of the earlier stage: run {stages[parts[-2]]} first, or cai pipeline)"
+    if len(parts) >= 2 and parts[0] == "runs":
+        return " (a run folder: make it with the command that writes it, e.g. cai tiny-model or an earlier stage)"
+    return ""
+
+
+def check_model_folder(name: str, need_weights: bool = True, need_tokenizer: bool = True) -> None:
+    """Refuse a local model folder that lacks a model (config.json and weights) or a tokenizer, naming what is missing.
+
+    Hub ids, ``.gguf`` files and ``package:`` sources pass (their loaders report their own problems).
+
+    Raises:
+        UserError: the folder is missing, or lacks config.json, weights or tokenizer files.
+    """
+    source = resolve_model_source(name)
+    folder = Path(source.path)
+    if source.gguf_file is not None or not folder.is_dir():
+        return
+    missing = []
+    if need_weights and not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if need_weights and not any((folder / f).is_file() for f in WEIGHT_FILES):
+        missing.append("weights (model.safetensors)")
+    if need_tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        raise UserError(f"{name}: not a complete model folder: missing {', '.join(missing)}")
 
 
 def _resolve_package(name: str) -> ModelSource:
@@ -121,21 +175,21 @@ def _resolve_package(name: str) -> ModelSource:
     if spec is None:
         hint = INSTALL_HINTS.get(package.replace("-", "_"))
         hint = hint or "install the distribution that provides it; NAME is the import name, with underscores"
-        raise FileNotFoundError(f"{name}: Python package {package!r} is not installed ({hint})")
+        raise ModelNotFoundError(f"{name}: Python package {package!r} is not installed ({hint})")
     if not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{name}: {package!r} is a single module, not a package folder holding a .gguf file")
+        raise ModelNotFoundError(f"{name}: {package!r} is a single module, not a package folder holding a .gguf file")
     folder = Path(next(iter(spec.submodule_search_locations)))
     if wanted:
         path = folder / wanted
         if not path.is_file():
-            raise FileNotFoundError(f"{name}: no file {wanted!r} in {folder}")
+            raise ModelNotFoundError(f"{name}: no file {wanted!r} in {folder}")
         return ModelSource(str(path.parent), path.name)
     found = sorted(folder.rglob("*.gguf"))
     if not found:
-        raise FileNotFoundError(f"{name}: package {package!r} ({folder}) holds no .gguf file")
+        raise ModelNotFoundError(f"{name}: package {package!r} ({folder}) holds no .gguf file")
     if len(found) > 1:
         names = ", ".join(str(p.relative_to(folder)) for p in found)
-        raise ValueError(f"{name}: package {package!r} holds several .gguf files ({names}); use {name}/FILE.gguf")
+        raise UserError(f"{name}: package {package!r} holds several .gguf files ({names}); use {name}/FILE.gguf")
     return ModelSource(str(found[0].parent), found[0].name)
 
 
@@ -150,7 +204,7 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
     if requested == "auto":
         return "flash_attention_2" if flash_ok else "sdpa"
     if requested == "flash_attention_2" and not flash_ok:
-        raise ValueError(
+        raise UserError(
             "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU "
             "(pip install -e '.[flash]'); use 'sdpa' or 'auto'"
         )
@@ -169,7 +223,7 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     if name == "auto":
         return "auto"
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+        raise UserError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -191,6 +245,7 @@ def load_tokenizer(
         trust_remote_code: Allow tokenizer code from the checkpoint's repository to run.
         revision: Hub revision to pin.
     """
+    check_model_folder(name_or_path, need_weights=False)
     source = resolve_model_source(name_or_path)
     tok = AutoTokenizer.from_pretrained(
         source.path,
@@ -201,7 +256,7 @@ def load_tokenizer(
     )
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"{name_or_path}: tokenizer has neither a pad token nor an EOS token")
+            raise UserError(f"{name_or_path}: tokenizer has neither a pad token nor an EOS token")
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
@@ -223,6 +278,7 @@ def load_model(cfg: ModelConfig, auto_class=AutoModelForCausalLM, **kwargs) -> P
             model.
         **kwargs: Passed on to ``from_pretrained`` (override anything above).
     """
+    check_model_folder(cfg.name_or_path, need_tokenizer=False)
     source = resolve_model_source(cfg.name_or_path)
     if source.gguf_file is not None:
         kwargs = {"gguf_file": source.gguf_file, **_gguf_dequantize_kwargs(), **kwargs}

@@ -189,18 +189,18 @@ def test_a_malformed_row_is_a_one_line_error(tiny_model_dir, tmp_path):
     from cai.cli import main
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], dict(ROWS[1], corrects=" (B)"), ROWS[2]])
-    with pytest.raises(EvalDataError, match=r"bad.jsonl: row 1: 'corrects' must be a list"):
+    with pytest.raises(EvalDataError, match=r"bad.jsonl: line 2: 'corrects' must be a list"):
         read_evals(str(bad))
     args = ["eval-feedback", "--model.name_or_path", str(tiny_model_dir), "--evals", str(bad)]
     with pytest.raises(SystemExit) as e:
         main(args + ["--out", str(tmp_path / "out")])
-    assert str(e.value.code) == f"cai eval-feedback: error: {bad}: row 1: 'corrects' must be a list"
+    assert e.value.code == 2 and str(e.value).startswith(f"cai eval-feedback: error: {bad}: line 2: 'corrects' must")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"broken.jsonl: row 1: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 2: not valid JSON"):
         read_evals(str(broken))
     write_jsonl(bad, [dict(ROWS[0], incorrects=[""])])
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: every answer must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1: every answer must be a non-empty string"):
         read_evals(str(bad))
 
 
@@ -231,5 +231,5 @@ def test_eval_feedback_picks_the_likelier_answer(tiny_model, tiny_tokenizer, tmp
         assert out["correct"] == (out["pred"] == 0) and sum(out["probs"]) == pytest.approx(1.0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "corrects": " (A)", "incorrects": []}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: 'corrects' must be a list"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1: 'corrects' must be a list"):
         eval_feedback(model=ModelConfig(str(tmp_path)), evals=str(bad))

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 
@@ -106,9 +107,13 @@ def eval_run(models, pm, out, **kw):
     )
 
 
-def test_eval_end_to_end(eval_models, tmp_path, monkeypatch):
+def test_eval_end_to_end(eval_models, tmp_path, monkeypatch, capfd):
     models, pm = eval_models
     res = eval_run(models, pm, tmp_path)
+    # Progress bars with an ETA over each model's answers and over the pairs judged.
+    err = capfd.readouterr().err
+    for bar in ("eval: base answers", "eval: rl-cai answers", "eval: judging pairs"):
+        assert re.search(rf"{bar}: 100%.* 8/8 \[\d", err), bar
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["labels"] == ["base", "rl-cai"] and set(saved["sets"]) == {"red_team", "helpful"}
     assert set(saved["elo"]) == {"harmlessness", "helpfulness"}

@@ -144,7 +144,7 @@ class ScriptedGenerator:
     def __init__(self, tokenizer, script):
         self.tokenizer, self.script, self.calls = tokenizer, list(script), []
 
-    def generate(self, prompts, config=None):
+    def generate(self, prompts, config=None, **kwargs):
         text, finished = self.script.pop(0)
         self.calls.append((list(prompts), config))
         return [[Generation(text, [], [], finished)] for _ in prompts]

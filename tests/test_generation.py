@@ -71,3 +71,47 @@ def test_generation_restores_train_mode(tiny_model, tiny_tokenizer):
     tiny_model.eval()
     with torch.no_grad():
         assert torch.isfinite(tiny_model(**tiny_tokenizer(["x"], return_tensors="pt")).logits).all()
+
+
+def test_keyed_samples_do_not_depend_on_the_batch(tiny_model, tiny_tokenizer):
+    keys = [f"p{i}" for i in range(len(PROMPTS))]
+
+    def sample(prompts, ks, **kw):
+        cfg = SamplingConfig(max_new_tokens=10, num_samples=2, seed=5, top_p=0.9, stop=[], **kw)
+        out = Generator(tiny_model, tiny_tokenizer, cfg).generate(prompts, keys=ks)
+        return {k: [x.response_ids for x in g] for k, g in zip(ks, out)}
+
+    for extra in ({}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}):
+        ref = sample(PROMPTS, keys, batch_size=1, **extra)
+        assert sample(PROMPTS, keys, batch_size=5, **extra) == ref
+        assert sample(PROMPTS[::-1], keys[::-1], batch_size=2, **extra) == ref  # other batches, other padding
+        assert sample(PROMPTS[2:4], keys[2:4], batch_size=3, **extra) == {k: ref[k] for k in keys[2:4]}
+        assert all(a != b for a, b in ref.values()), "the samples of one prompt should differ"
+    # The key, not the text, decides the draw: the same prompt under two keys samples differently.
+    twice = sample(["Hi", "Hi"], ["a", "b"], batch_size=2)
+    assert twice["a"] != twice["b"]
+    assert sample(PROMPTS, keys, batch_size=2) != sample(PROMPTS, keys, batch_size=2, temperature=0.5)
+
+
+def test_keyed_greedy_equals_plain_greedy(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, batch_size=3, stop=[])
+    gen = Generator(tiny_model, tiny_tokenizer, cfg)
+    plain = [g[0].response_ids for g in gen.generate(PROMPTS)]
+    assert [g[0].response_ids for g in gen.generate(PROMPTS, keys=[str(i) for i in range(len(PROMPTS))])] == plain
+
+
+def test_keyed_sampling_draws_from_the_filtered_softmax(tiny_model, tiny_tokenizer):
+    """Gumbel-max with per-row generators samples the distribution HF's warpers define (here top-k 4, T 0.8)."""
+    n = 3000
+    cfg = SamplingConfig(max_new_tokens=1, temperature=0.8, top_k=4, batch_size=n, stop=[])
+    gen = Generator(tiny_model, tiny_tokenizer, cfg)
+    out = gen.generate(["Tell me a story."] * n, keys=[str(i) for i in range(n)])
+    firsts = [(g[0].response_ids or [tiny_tokenizer.pad_token_id])[0] for g in out]  # a sampled pad is stripped
+    ids = tiny_tokenizer(format_prompt("Tell me a story.", tiny_tokenizer, "auto"), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = tiny_model(ids).logits[0, -1].float() / 0.8
+    top = torch.topk(logits, 4)
+    expect = dict(zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist()))
+    assert set(firsts) <= set(expect)
+    tv = sum(abs(firsts.count(t) / n - p) for t, p in expect.items()) / 2
+    assert tv < 0.04, (tv, expect)

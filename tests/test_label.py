@@ -135,3 +135,32 @@ def test_label_resumes_after_kill(tiny_model_dir, tmp_path):
     ids = [json.loads(x)["id"] for x in open(records)]
     assert len(ids) == 40 and len(set(ids)) == 40
     assert [json.loads(x) for x in open(records)][: len(first)] == first  # earlier records untouched
+
+
+def test_label_output_folder_remembers_its_settings(tiny_model_dir, tmp_path):
+    from models.errors import UserError
+
+    out = tmp_path / "lab"
+
+    def again(chunk_size=4, batch_size=8, overwrite=False, **feedback):
+        return label(
+            out=str(out),
+            policy=ModelConfig(str(tiny_model_dir)),
+            prompts=PromptSources(helpful=None, max_prompts=4),
+            sampling=SamplingConfig(max_new_tokens=4, batch_size=batch_size),
+            feedback=FeedbackConfig(num_few_shot=1, **feedback),
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+        )
+
+    again()
+    first = (out / "records.jsonl").read_text()
+    again(chunk_size=3, batch_size=2)
+    assert (out / "records.jsonl").read_text() == first  # chunk and batch sizes do not count
+    with pytest.raises(UserError, match=r"settings differ .*: feedback\.both_orders was false, now true; use --overw"):
+        again(both_orders=True)
+    with pytest.raises(UserError, match=r"chunk_size=0: must be at least 1"):
+        again(chunk_size=0)
+    again(both_orders=True, overwrite=True)
+    records = [json.loads(x) for x in open(out / "records.jsonl")]
+    assert len(records) == 4 and all(len(r["feedback"][0]["logprobs"]) == 2 for r in records)  # both orders now

@@ -215,16 +215,16 @@ def test_duplicate_ids(load, tmp_path):
     path = write_jsonl(tmp_path / "dup.jsonl", [{"id": "x", "prompt": "a"}, {"id": "y", "prompt": "b"}] * 2)
     with pytest.raises(PromptDataError) as err:
         load(path)
-    assert one_line_error(err) == "dup.jsonl: duplicate id 'x' (rows 0 and 2)"
+    assert one_line_error(err) == "dup.jsonl: duplicate id 'x' (rows 1 and 3)"
 
 
 def test_other_errors(load, tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", ROWS + [{"id": None, "prompt": "c"}])
-    with pytest.raises(PromptDataError, match="p.jsonl: row 2: empty id"):
+    with pytest.raises(PromptDataError, match="p.jsonl: row 3: empty id"):
         load(path)
     with pytest.raises(PromptDataError, match="unknown prompt format 'chat'"):
         load(path, format="chat")
-    with pytest.raises(PromptDataError, match="row 0: expected a list of messages"):
+    with pytest.raises(PromptDataError, match="row 1: expected a list of messages"):
         load(path, format="messages", id_column="none")
     (tmp_path / "p.txt").write_text("hi")
     with pytest.raises(PromptDataError, match="unsupported file type"):

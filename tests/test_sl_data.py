@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -24,7 +25,7 @@ def small_run(model_dir, out, **kw):
         model=ModelConfig(str(model_dir)),
         prompts=PromptSources(max_prompts=kw.pop("max_prompts", 8), helpful_ratio=0.25),
         critique=CritiqueConfig(rounds=2, num_few_shot=1, keep_unfinished=True),  # a random model never ends a text
-        sampling=SamplingConfig(max_new_tokens=12, batch_size=8),
+        sampling=SamplingConfig(max_new_tokens=12, batch_size=kw.pop("batch_size", 8)),
         chunk_size=kw.pop("chunk_size", 4),
         **kw,
     )
@@ -162,3 +163,80 @@ def test_hold_out_last_keeps_evaluation_prompts_out(tiny_model_dir):
     small = PromptDataModule(prompts="red_team", tokenizer=str(tiny_model_dir), max_prompt_tokens=40)
     small.setup("fit")
     assert small.skipped_too_long > 0 and len(small.train_set) + small.skipped_too_long == 72
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "CAI_DEBUG": ""}
+    return subprocess.run([sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def test_output_folder_remembers_its_settings(tiny_model_dir, tmp_path):
+    from models.errors import UserError
+
+    out = tmp_path / "sl"
+    small_run(tiny_model_dir, out)
+    first = (out / "records.jsonl").read_text()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["sampling"]["temperature"] == 1.0 and settings["prompt_format"] in ("chat", "transcript")
+    assert "batch_size" not in settings["sampling"] and "chunk_size" not in settings
+    # What does not change records does not count: chunk and batch sizes, the device.
+    run(
+        out=str(out),
+        model=ModelConfig(str(tiny_model_dir)),
+        prompts=PromptSources(max_prompts=8, helpful_ratio=0.25),
+        critique=CritiqueConfig(rounds=2, num_few_shot=1, keep_unfinished=True),
+        sampling=SamplingConfig(max_new_tokens=12, batch_size=3),
+        chunk_size=5,
+        device="cpu",
+    )
+    assert (out / "records.jsonl").read_text() == first
+    # Other prompts, another constitution: refused before any work, naming the setting.
+    with pytest.raises(UserError, match=r"prompts\.max_prompts was 8, now 6; use --overwrite"):
+        small_run(tiny_model_dir, out, max_prompts=6)
+    const = yaml.safe_load(open("cai/constitutions/default.yaml"))
+    const["name"] = "mine"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(const))
+    with pytest.raises(UserError, match=r'settings differ .*: constitution\.name was "default", now "mine"'):
+        small_run(tiny_model_dir, out, constitution=str(tmp_path / "mine.yaml"))
+    assert (out / "records.jsonl").read_text() == first
+    # --overwrite starts again with the new settings.
+    small_run(tiny_model_dir, out, max_prompts=6, constitution=str(tmp_path / "mine.yaml"), overwrite=True)
+    records = [json.loads(x) for x in open(out / "records.jsonl")]
+    assert len(records) == 6 and json.loads((out / "summary.json").read_text())["constitution"] == "mine"
+    assert json.loads((out / "settings.json").read_text())["prompts"]["max_prompts"] == 6
+    # Records with no settings (an older version's run): unknown settings, refused.
+    (out / "settings.json").unlink()
+    with pytest.raises(UserError, match="no settings.json"):
+        small_run(tiny_model_dir, out, max_prompts=6)
+
+
+def test_rerun_with_other_settings_fails_on_the_command_line(tiny_model_dir, tmp_path):
+    out = tmp_path / "sl"
+    base = ["sl-data", "--model.name_or_path", str(tiny_model_dir), "--out", str(out), "--prompts.max_prompts", "2"]
+    base += ["--critique.rounds", "0", "--sampling.max_new_tokens", "2"]
+    assert _cli(base, timeout=300).returncode == 0
+    res = _cli(base + ["--sampling.temperature", "0.7"], timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+    assert "settings differ from the run already there: sampling.temperature was 1.0, now 0.7" in res.stderr
+    assert "--overwrite" in res.stderr and str(out) in res.stderr
+
+
+def test_bad_output_paths_and_chunk_size(tiny_model_dir, tmp_path):
+    from models.errors import UserError
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    res = _cli(["sl-data", "--model.name_or_path", str(tiny_model_dir), "--out", str(a_file)], timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+    assert f"{a_file} is a file" in res.stderr
+    with pytest.raises(UserError, match=r"lies under .*file\.txt, which is a file"):
+        small_run(tiny_model_dir, a_file / "sub")
+    with pytest.raises(UserError, match=r"chunk_size=0: must be at least 1"):
+        small_run(tiny_model_dir, tmp_path / "o", chunk_size=0)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    unwritable = locked / "out" if os.geteuid() != 0 else Path("/sys/cai-test-out")  # root writes anywhere else
+    with pytest.raises(UserError, match=r"cannot write to out="):
+        small_run(tiny_model_dir, unwritable)
+    locked.chmod(0o700)
