@@ -39,6 +39,7 @@ from losses import (
     value_loss,
 )
 from models import ModelConfig, load_model, load_tokenizer
+from models.errors import UserError
 from models.heads import PolicyWithValue, PreferenceModel, ValueModel
 from models.logprobs import last_token_logprobs, left_pad, position_ids_from_mask
 
@@ -225,7 +226,7 @@ class PPOModule(HFModule):
     def on_fit_start(self) -> None:
         batch = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if batch is not None and (batch % self.cfg.num_minibatches or batch < self.cfg.num_minibatches):
-            raise ValueError(
+            raise UserError(
                 f"ppo: data.batch_size={batch} is not divisible by model.ppo.num_minibatches="
                 f"{self.cfg.num_minibatches}: every minibatch must have the same size"
             )
