@@ -12,7 +12,7 @@ from torchmetrics.text import Perplexity
 
 from cai.training import HFModule, OptimConfig, run_cli
 from data.sft import IGNORE_INDEX, SFTDataModule
-from losses import sft_loss
+from losses import sft_loss, sft_loss_sum
 from models import ModelConfig
 
 
@@ -58,8 +58,15 @@ class SFTModule(HFModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits, targets = self(batch)  # (B, K, V), (B, K)
-        loss = sft_loss(logits, targets, aligned=True)
-        self.log("loss/train", loss, prog_bar=True)
+        loss_sum, count = sft_loss_sum(logits, targets, aligned=True)  # (), ()
+        # Every target token of the global batch weighs the same, whichever rank holds it (a mean of per-rank means
+        # would weigh a rank with few target tokens more): divide by the token count summed over ranks, and multiply
+        # by the world size because data-parallel strategies average the ranks' gradients.
+        world = self.trainer.world_size
+        total = self.trainer.strategy.reduce(count.float(), reduce_op="sum") if world > 1 else count.float()
+        loss = loss_sum * world / total.clamp(min=1)
+        global_mean = self.trainer.strategy.reduce(loss_sum.detach().clone(), reduce_op="sum") / total.clamp(min=1)
+        self.log("loss/train", global_mean, prog_bar=True)  # the same value on every rank: no sync needed
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -2,6 +2,7 @@
 
 import os
 
+import lightning as L
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -94,3 +95,18 @@ def slow_logprob(model, tok, context, option):
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids + opt])).logits[0].float(), -1)
     return sum(lp[len(ids) - 1 + j, t].item() for j, t in enumerate(opt))
+
+
+class GradDump(L.Callback):
+    """A Lightning callback that saves the first optimizer step's gradients and logged loss (rank 0) to ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        import torch
+
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            loss = trainer.callback_metrics.get("loss/train")
+            torch.save({"grads": grads, "loss": None if loss is None else float(loss)}, self.path)
