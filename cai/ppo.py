@@ -178,9 +178,11 @@ class PPOModule(HFModule):
         self.automatic_optimization = False  # a rollout then several optimizer steps per training step
         self.cfg, self.lora = ppo or PPOConfig(), lora
         self.pm_cfg, self.ref_cfg, self.critic_cfg = preference_model, reference, critic
-        c = self.cfg
-        self.kl_ctl = (AdaptiveKLController(c.kl_coef, c.target_kl_penalty, c.kl_horizon) if c.adaptive_kl
-                       else FixedKLController(c.kl_coef))  # fmt: skip
+        cfg = self.cfg
+        if cfg.adaptive_kl:
+            self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl_penalty, cfg.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(cfg.kl_coef)
         self.rollouts_done = 0
         # Frozen networks live outside the module tree: never in the optimizer, never in a checkpoint.
         self.frozen: dict[str, torch.nn.Module] = {}
@@ -191,8 +193,10 @@ class PPOModule(HFModule):
         if self.lora is not None:
             import peft
 
-            lm = peft.get_peft_model(lm, peft.LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=0.0,
-                                                         target_modules=self.lora.target_modules))  # fmt: skip
+            lora = peft.LoraConfig(
+                r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=0.0, target_modules=self.lora.target_modules
+            )
+            lm = peft.get_peft_model(lm, lora)
         policy = PolicyWithValue(lm)
         if self.critic_cfg is not None:
             policy.critic = ValueModel(PreferenceModel.from_pretrained(self.critic_cfg).backbone)
@@ -240,11 +244,12 @@ class PPOModule(HFModule):
                 self.model(ids, torch.ones_like(ids), position_ids_from_mask(torch.ones_like(ids)), 1)
 
     def configure_optimizers(self):
-        c, o = self.cfg, self.optim_cfg
+        cfg, optim_cfg = self.cfg, self.optim_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = make_adamw(params, o, self.trainer)
-        total = c.total_rollouts * c.ppo_epochs * c.num_minibatches
-        return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o, total))]
+        optimizer = make_adamw(params, optim_cfg, self.trainer)
+        total = cfg.total_rollouts * cfg.ppo_epochs * cfg.num_minibatches  # optimizer steps of the whole run
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, optim_cfg, total))
+        return [optimizer], [schedule]
 
     # ----------------------------------------------------------------------------------------- rollout
     def _forward(self, ids, mask, n):
@@ -259,8 +264,8 @@ class PPOModule(HFModule):
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Sample responses, then score them: log-probs, reference log-probs, values, preference scores."""
-        c, tok = self.cfg, self.tokenizer
-        t0 = time.perf_counter()
+        cfg, tok = self.cfg, self.tokenizer
+        gen_start = time.perf_counter()
         query = tok([self.format.prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
         q_ids, q_mask = left_pad(query, tok.pad_token_id, self.device)  # (B, P)
         # Sharded weights are gathered in every forward call, so under FSDP all ranks step together until the last
@@ -270,10 +275,10 @@ class PPOModule(HFModule):
         seq = self.model.lm.generate(
             input_ids=q_ids,
             attention_mask=q_mask,
-            max_new_tokens=c.max_new_tokens,
+            max_new_tokens=cfg.max_new_tokens,
             do_sample=True,
-            temperature=c.temperature,
-            top_k=c.top_k or None,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k or None,
             top_p=None,
             eos_token_id=self.stop_ids,
             pad_token_id=tok.pad_token_id,
@@ -281,7 +286,7 @@ class PPOModule(HFModule):
             synced_gpus=sharded,
         )  # (B, P + N); rows that ended early are padded
         self.model.lm.train()
-        t_gen = time.perf_counter() - t0
+        t_gen = time.perf_counter() - gen_start
         resp = seq[:, q_ids.shape[1] :]  # (B, N)
         is_stop = torch.isin(resp, torch.tensor(self.stop_ids, device=resp.device))  # (B, N) EOS or end-of-turn
         after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # (B, N) strictly after the first stop token
@@ -290,17 +295,27 @@ class PPOModule(HFModule):
         n = resp.shape[1]
         logp, values, _ = self._forward(ids, mask, n)  # (B, N) each
         if "ref" in self.frozen:
-            ref_logp = last_token_logprobs(self.frozen["ref"], ids, mask, n, c.temperature)  # (B, N)
+            ref_logp = last_token_logprobs(self.frozen["ref"], ids, mask, n, cfg.temperature)  # (B, N)
         else:
             with self.model.lm.disable_adapter():  # LoRA: the base weights are the reference
-                ref_logp = last_token_logprobs(self.model.lm, ids, mask, n, c.temperature)
+                ref_logp = last_token_logprobs(self.model.lm, ids, mask, n, cfg.temperature)
         texts = tok.batch_decode(resp * r_mask + tok.pad_token_id * (1 - r_mask), skip_special_tokens=True)
         scores = self.score(prompts, texts)  # (B,)
         has_eos = is_stop.any(1)  # (B,) the response ended rather than ran out of tokens
-        if c.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - c.missing_eos_penalty)
-        return {"ids": ids, "mask": mask, "r_mask": r_mask, "logp": logp, "ref_logp": ref_logp, "values": values,
-                "scores": scores, "has_eos": has_eos, "texts": texts, "t_gen": t_gen}  # fmt: skip
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+        return {
+            "ids": ids,
+            "mask": mask,
+            "r_mask": r_mask,
+            "logp": logp,
+            "ref_logp": ref_logp,
+            "values": values,
+            "scores": scores,
+            "has_eos": has_eos,
+            "texts": texts,
+            "t_gen": t_gen,
+        }
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Preference-model scores (B,) of the transcripts, or the reward function's."""
@@ -312,72 +327,91 @@ class PPOModule(HFModule):
 
     # ----------------------------------------------------------------------------------------- training step
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        c = self.cfg
-        t0 = time.perf_counter()
+        cfg = self.cfg
+        step_start = time.perf_counter()
         # 1. Rollout: responses and everything PPO needs about them, computed once without gradients.
-        ro = self.rollout(batch["prompt"])
-        m = ro["r_mask"]  # (B, N) 1 on response tokens
+        rollout = self.rollout(batch["prompt"])
+        mask = rollout["r_mask"]  # (B, N) 1 on response tokens
         beta = self.kl_ctl.value
         # 2. Rewards: -β·KL on every response token, the preference score on the last one.
-        rewards, kl = per_token_rewards(ro["scores"], ro["logp"], ro["ref_logp"], m, beta, c.kl_estimator)
+        rewards, kl = per_token_rewards(
+            rollout["scores"], rollout["logp"], rollout["ref_logp"], mask, beta, cfg.kl_estimator
+        )  # (B, N) each
         # 3. Advantages by GAE; whitened over the rollout so the step size does not depend on the reward scale.
-        adv, returns = gae(rewards, ro["values"], m, c.gamma, c.lam)  # (B, N) each
-        if c.whiten_advantages:
-            adv = masked_whiten(adv, m)
-        kl_sum = (kl * m).sum(1)  # (B,) KL to the reference of each response
-        self._check_finite(step="rollout", scores=ro["scores"], kl=kl_sum)
+        advantages, returns = gae(rewards, rollout["values"], mask, cfg.gamma, cfg.lam)  # (B, N) each
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        kl_per_response = (kl * mask).sum(1)  # (B,) KL to the reference of each response
+        self._check_finite(step="rollout", scores=rollout["scores"], kl=kl_per_response)
         # 4. PPO epochs over shuffled minibatches of the rollout; one optimizer step per minibatch.
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        n_rows, mb = m.shape[0], m.shape[0] // c.num_minibatches
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        n_rows = mask.shape[0]
+        minibatch_size = n_rows // cfg.num_minibatches  # PPOModule.on_fit_start checks that it divides evenly
         stats: dict[str, list] = {k: [] for k in ("pg", "vf", "ent", "clipfrac", "approxkl", "vf_clipfrac")}
-        for _epoch in range(c.ppo_epochs):
-            perm = torch.randperm(n_rows, device=m.device)
-            for s in range(0, n_rows - mb + 1, mb):
-                i = perm[s : s + mb]
-                logp, values, logits = self._forward(ro["ids"][i], ro["mask"][i], m.shape[1])
-                pg, pg_stats = policy_loss(logp, ro["logp"][i], adv[i], m[i], c.clip_range)
-                vf, vf_stats = value_loss(values, ro["values"][i], returns[i], m[i], c.vf_clip_range)
-                entropy = masked_mean(entropy_from_logits(logits), m[i])
-                loss = pg + c.vf_coef * vf - c.ent_coef * entropy
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(n_rows, device=mask.device)
+            for start in range(0, n_rows - minibatch_size + 1, minibatch_size):
+                rows = order[start : start + minibatch_size]
+                logp, values, logits = self._forward(rollout["ids"][rows], rollout["mask"][rows], mask.shape[1])
+                pg_loss, pg_stats = policy_loss(
+                    logp, rollout["logp"][rows], advantages[rows], mask[rows], cfg.clip_range
+                )
+                vf_loss, vf_stats = value_loss(
+                    values, rollout["values"][rows], returns[rows], mask[rows], cfg.vf_clip_range
+                )
+                entropy = masked_mean(entropy_from_logits(logits), mask[rows])
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                 self._check_finite(step="loss", loss=loss.detach())
-                opt.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                sched.step()
-                for k, v in (("pg", pg), ("vf", vf), ("ent", entropy), ("clipfrac", pg_stats["clipfrac"]),
-                             ("approxkl", pg_stats["approx_kl"]), ("vf_clipfrac", vf_stats["clipfrac"])):  # fmt: skip
-                    stats[k].append(v.detach())
+                self.clip_gradients(optimizer, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+                stats["pg"].append(pg_loss.detach())
+                stats["vf"].append(vf_loss.detach())
+                stats["ent"].append(entropy.detach())
+                stats["clipfrac"].append(pg_stats["clipfrac"].detach())
+                stats["approxkl"].append(pg_stats["approx_kl"].detach())
+                stats["vf_clipfrac"].append(vf_stats["clipfrac"].detach())
             # Early stop: once the policy has moved too far from the rollout policy, more epochs overfit it.
-            if c.target_kl is not None:
-                approx = self.trainer.strategy.reduce(torch.stack(stats["approxkl"][-c.num_minibatches :]).mean())
-                if approx.item() > c.target_kl:  # the same decision on every rank (reduced value)
+            if cfg.target_kl is not None:
+                epoch_kl = torch.stack(stats["approxkl"][-cfg.num_minibatches :]).mean()
+                if self.trainer.strategy.reduce(epoch_kl).item() > cfg.target_kl:  # the same decision on every rank
                     break
         # 5. Adapt β, count the rollout, log.
-        mean_kl = self.trainer.strategy.reduce(kl_sum.mean())
+        mean_kl = self.trainer.strategy.reduce(kl_per_response.mean())
         self.kl_ctl.update(mean_kl.item(), n_steps=n_rows * self.trainer.world_size)
         self.rollouts_done += 1
-        self._log(ro, kl_sum, beta, stats, returns, m, time.perf_counter() - t0)
-        self._log_samples(batch["prompt"], ro)
-        if self.rollouts_done >= c.total_rollouts:
+        self._log(rollout, kl_per_response, beta, stats, returns, mask, time.perf_counter() - step_start)
+        self._log_samples(batch["prompt"], rollout)
+        if self.rollouts_done >= cfg.total_rollouts:
             self.trainer.should_stop = True
 
-    def _log(self, ro, kl_sum, beta, stats, returns, m, step_time) -> None:
+    def _log(self, rollout, kl_per_response, beta, stats, returns, mask, step_time) -> None:
         mean = {k: torch.stack(v).mean() for k, v in stats.items()}
-        lengths = m.sum(1).float()
-        self.log_dict({
-            "objective/scores": ro["scores"].mean(), "objective/kl": kl_sum.mean(),
-            "objective/rlhf_reward": (ro["scores"] - beta * kl_sum).mean(),
-            "objective/entropy": mean["ent"], "objective/kl_coef": float(beta),
-            "policy/approxkl": mean["approxkl"], "policy/clipfrac": mean["clipfrac"],
-            "loss/policy": mean["pg"], "loss/value": mean["vf"], "value/clipfrac": mean["vf_clipfrac"],
-            "value/explained_variance": explained_variance(ro["values"], returns, m),
-            "response/length": lengths.mean(), "response/eos_share": ro["has_eos"].float().mean(),
-            "response/empty_share": (lengths <= ro["has_eos"].float()).float().mean(),
-            "perf/episodes_per_sec": m.shape[0] * self.trainer.world_size / step_time,
-            "perf/generation_share": ro["t_gen"] / step_time, "perf/rollouts": float(self.rollouts_done),
-        }, prog_bar=False, sync_dist=True, on_step=True)  # fmt: skip
-        self.log("objective/scores_pb", ro["scores"].mean(), prog_bar=True, logger=False)
+        lengths = mask.sum(1).float()  # (B,)
+        scores, ended = rollout["scores"], rollout["has_eos"].float()
+        metrics = {
+            "objective/scores": scores.mean(),
+            "objective/kl": kl_per_response.mean(),
+            "objective/rlhf_reward": (scores - beta * kl_per_response).mean(),
+            "objective/entropy": mean["ent"],
+            "objective/kl_coef": float(beta),
+            "policy/approxkl": mean["approxkl"],
+            "policy/clipfrac": mean["clipfrac"],
+            "loss/policy": mean["pg"],
+            "loss/value": mean["vf"],
+            "value/clipfrac": mean["vf_clipfrac"],
+            "value/explained_variance": explained_variance(rollout["values"], returns, mask),
+            "response/length": lengths.mean(),
+            "response/eos_share": ended.mean(),
+            "response/empty_share": (lengths <= ended).float().mean(),
+            "perf/episodes_per_sec": mask.shape[0] * self.trainer.world_size / step_time,
+            "perf/generation_share": rollout["t_gen"] / step_time,
+            "perf/rollouts": float(self.rollouts_done),
+        }
+        self.log_dict(metrics, prog_bar=False, sync_dist=True, on_step=True)
+        self.log("objective/scores_pb", scores.mean(), prog_bar=True, logger=False)
 
     def _log_samples(self, prompts: list[str], ro: dict) -> None:
         """A few prompts, responses and scores of this rollout: what the policy writes, not only what it scores."""
