@@ -197,10 +197,10 @@ class PPOModule(HFModule):
                 r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=0.0, target_modules=self.lora.target_modules
             )
             lm = peft.get_peft_model(lm, lora)
-        policy = PolicyWithValue(lm)
-        if self.critic_cfg is not None:
-            policy.critic = ValueModel(PreferenceModel.from_pretrained(self.critic_cfg).backbone)
-        return policy
+        if self.critic_cfg is None:
+            return PolicyWithValue(lm)  # a value head on the policy's trunk
+        # TRL's layout: a separate critic, and no value head on the policy (it would be built, run and trained idle)
+        return PolicyWithValue(lm, critic=ValueModel(PreferenceModel.from_pretrained(self.critic_cfg).backbone))
 
     @property
     def hf_model(self):
@@ -256,8 +256,6 @@ class PPOModule(HFModule):
         """Policy logits -> log-probs (B, n), values (B, n) and per-token entropy (B, n) of the last n tokens."""
         pos = position_ids_from_mask(mask)
         logits, values = self.model(ids, mask, pos, n)  # (B, n, V), (B, n)
-        if self.critic_cfg is not None:
-            values = self.model.critic(ids, mask, pos, n)
         logits = logits.float() / self.cfg.temperature
         return logprobs_from_logits(logits, ids[:, -n:]), values, logits
 

@@ -182,21 +182,29 @@ class PreferenceModel(nn.Module):
 
 
 class PolicyWithValue(nn.Module):
-    """A causal LM policy with a value head on its last hidden states: logits and values from one forward pass.
+    """A causal LM policy and its value estimate: a value head on the policy's last hidden states, or a critic.
 
-    Sharing the trunk halves the compute of a separate critic; the value loss then also shapes the policy's
-    features, which is why ``vf_coef`` weighs it (Ziegler et al. 2019 use a separate value network; TRL's
-    PPOTrainer a separate critic; CleanRL's shared-trunk agent follows Schulman et al. 2017).
+    With a value head, logits and values come from one forward pass. Sharing the trunk halves the compute of a
+    separate critic; the value loss then also shapes the policy's features, which is why ``vf_coef`` weighs it
+    (Ziegler et al. 2019 use a separate value network; TRL's PPOTrainer a separate critic; CleanRL's shared-trunk
+    agent follows Schulman et al. 2017). With a separate ``critic`` (TRL's layout) the policy has no value head at
+    all, and its forward pass does not collect hidden states.
 
     Args:
         lm: The policy (``AutoModelForCausalLM``, or a peft model wrapping one).
-        value_head: The ``hidden -> 1`` head; a new one is made when None.
+        value_head: The ``hidden -> 1`` head; a new one is made when None and there is no critic.
+        critic: A separate value network (``ValueModel``); exclusive with ``value_head``.
     """
 
-    def __init__(self, lm: nn.Module, value_head: nn.Linear | None = None):
+    def __init__(self, lm: nn.Module, value_head: nn.Linear | None = None, critic: nn.Module | None = None):
         super().__init__()
+        if value_head is not None and critic is not None:
+            raise ValueError("PolicyWithValue: give a value head or a critic, not both")
         self.lm = lm
-        self.value_head = value_head if value_head is not None else scalar_head(lm.config.hidden_size)
+        self.critic = critic
+        self.value_head = None
+        if critic is None:
+            self.value_head = value_head if value_head is not None else scalar_head(lm.config.hidden_size)
 
     def forward(self, input_ids, attention_mask, position_ids, n_last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, n, V) and values (B, n) of the positions that predict the last ``n_last`` tokens."""
@@ -205,11 +213,14 @@ class PolicyWithValue(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             logits_to_keep=n_last + 1,
-            output_hidden_states=True,
+            output_hidden_states=self.critic is None,
             use_cache=False,
         )
-        hidden = out.hidden_states[-1][:, -n_last - 1 : -1]  # (B, n, H): the states before each scored token
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, n)
+        if self.critic is not None:
+            values = self.critic(input_ids, attention_mask, position_ids, n_last)  # (B, n)
+        else:
+            hidden = out.hidden_states[-1][:, -n_last - 1 : -1]  # (B, n, H): the states before each scored token
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, n)
         return out.logits[:, :-1], values
 
 

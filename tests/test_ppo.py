@@ -212,6 +212,11 @@ def test_ppo_separate_critic_and_gradient_checkpointing(tiny_model_dir, pm_dir, 
     assert module.hf_model.is_gradient_checkpointing
     opt_params = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
     assert all(id(p) in opt_params for p in module.model.critic.parameters())  # the critic is trained
+    assert module.model.value_head is None  # TRL's layout: no idle value head on the policy
+    policy_params = sum(p.numel() for p in module.model.parameters()) - sum(
+        p.numel() for p in module.model.critic.parameters()
+    )
+    assert policy_params == sum(p.numel() for p in module.model.lm.parameters())
     critic_start = PreferenceModel.from_pretrained(ModelConfig(str(pm_dir))).backbone.state_dict()
     critic_now = module.model.critic.backbone.state_dict()
     assert any(not torch.equal(critic_start[k], critic_now[k].cpu()) for k in critic_start)
