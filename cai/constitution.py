@@ -175,8 +175,6 @@ class Constitution:
             Path(path).write_text(text, encoding="utf-8")
         return text
 
-    save = to_yaml
-
     @property
     def _label(self) -> str:
         return Path(self.source).name if self.source else self.name

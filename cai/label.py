@@ -15,7 +15,6 @@ better response (at least 0.5 by construction).
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from dataclasses import asdict, replace
@@ -24,7 +23,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from cai.constitution import load_constitution
+from cai.constitution import Constitution, load_constitution
 from cai.feedback import FeedbackConfig, FeedbackScorer
 from cai.generation import Generator, SamplingConfig
 from cai.sl_data import PromptSources, constitution_fingerprint, load_prompt_mix
@@ -146,7 +145,7 @@ def run(
                         "prompt": r["prompt"],
                         "response_a": g[0].text,
                         "response_b": g[1].text,
-                        "principles": [p.id for p in random.Random(f"{seed}/{r['id']}").sample(const.feedback, k)],
+                        "principles": [p.id for p in Constitution.sampler(seed, r["id"]).sample(const.feedback, k)],
                     }
                     for r, g in zip(chunk, pairs)
                 ]

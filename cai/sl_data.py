@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -158,7 +157,7 @@ def critique_revise(
     todo = [rec for rec in records if rec["kind"] == "red_team"]
     for k in range(cfg.rounds):
         principles = [
-            constitution.sample_critique(random.Random(f"{cfg.seed}/{rec['id']}/{k}")) for rec in todo
+            constitution.sample_critique(Constitution.sampler(cfg.seed, f"{rec['id']}/{k}")) for rec in todo
         ]  # seeded per prompt and round: the same on resume, whatever the batching
         c_prompts = [
             fmt.critique_prompt(shots, rec["prompt"], rec["final_response"], p.critique_request, cfg.style)

@@ -193,7 +193,7 @@ def test_yaml_round_trip_default(default, tmp_path):
 def test_yaml_round_trip_paper(paper_dir, tmp_path):
     paper = load_constitution(paper_dir)
     path = tmp_path / "paper.yaml"
-    paper.save(path)
+    paper.to_yaml(path)
     assert load_constitution(path) == paper
     assert yaml.safe_load(path.read_text())["critiques"][0]["critique_request"].startswith("Identify specific ways")
 
