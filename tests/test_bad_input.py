@@ -24,6 +24,8 @@ import pytest
 from helpers import clean_env
 from helpers import run_args as helpers_run_args
 
+pytestmark = pytest.mark.slow  # subprocesses of the real CLI
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 

@@ -37,6 +37,7 @@ def test_defaults_pass_their_own_checks():
     SamplingConfig(), FeedbackConfig(), CritiqueConfig(), PPOConfig()
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_bad_setting_before_loading_anything(tmp_path):
     # The model folder does not exist: had the setting passed, loading would fail with another message.
     cmd = [sys.executable, "-m", "cai.cli", "sl-data", "--model.name_or_path", str(tmp_path / "none")]

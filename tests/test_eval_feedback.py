@@ -204,6 +204,7 @@ def test_a_malformed_row_is_a_one_line_error(tiny_model_dir, tmp_path):
         read_evals(str(bad))
 
 
+@pytest.mark.slow
 def test_eval_feedback_on_the_438_hhh_comparisons(tiny_model_dir, shared_cai, tmp_path):
     path = shared_cai / "evals" / "438HHHEvaluations.jsonl"
     metrics = eval_feedback(model=ModelConfig(str(tiny_model_dir)), evals=str(path), out=str(tmp_path))

@@ -114,6 +114,7 @@ def test_ensemble_aggregation():
         aggregate([0.5], "median")
 
 
+@pytest.mark.slow
 def test_label_resumes_after_kill(tiny_model_dir, tmp_path):
     cfg = {
         "out": str(tmp_path / "lab"),

@@ -125,6 +125,7 @@ def test_pm_learns_a_detectable_preference(tiny_model_dir, tmp_path):
         torch.testing.assert_close(hf(**enc).logits.squeeze(-1), ours(**enc))
 
 
+@pytest.mark.slow
 def test_soft_labels_calibrate_better_than_hard_labels(tiny_model_dir, tmp_path):
     """With noisy soft labels around 0.7, soft-label training should predict ~0.7; hard labels push towards 1."""
 

@@ -89,6 +89,7 @@ def sft_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_cli_uses_the_run_bar_unless_the_config_says_otherwise(tiny_model_dir, sft_file, tmp_path):
     args = base_args(tiny_model_dir, sft_file, tmp_path / "a", 2)
     quiet = args.index("--trainer.enable_progress_bar")

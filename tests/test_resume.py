@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 
+import pytest
 import yaml
 
 from cai.feedback import FeedbackConfig
@@ -19,6 +20,8 @@ from cai.sl_data import CritiqueConfig, PromptSources
 from cai.sl_data import run as sl_data
 from helpers import kill_after_lines
 from models import ModelConfig
+
+pytestmark = pytest.mark.slow  # kills and reruns the real CLI
 
 SL_PROMPTS = 12
 LABEL_PROMPTS = 10

@@ -73,6 +73,7 @@ def test_principles_are_seeded_per_prompt_and_round(tiny_model_dir, tmp_path):
     assert key == {r["id"]: [x["principle_id"] for x in r["rounds"]] for r in b}  # independent of chunking
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     cfg = {
         "out": str(tmp_path / "sl"),
@@ -113,6 +114,7 @@ def test_resumable_jsonl(tmp_path):
         ResumableJsonl(path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("critiques:\n  - id: x\n    critique_request: ''\n    revision_request: fix it\n")
@@ -210,6 +212,7 @@ def test_output_folder_remembers_its_settings(tiny_model_dir, tmp_path):
         small_run(tiny_model_dir, out, max_prompts=6)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_fails_on_the_command_line(tiny_model_dir, tmp_path):
     out = tmp_path / "sl"
     base = ["sl-data", "--model.name_or_path", str(tiny_model_dir), "--out", str(out), "--prompts.max_prompts", "2"]
@@ -221,6 +224,7 @@ def test_rerun_with_other_settings_fails_on_the_command_line(tiny_model_dir, tmp
     assert "--overwrite" in res.stderr and str(out) in res.stderr
 
 
+@pytest.mark.slow
 def test_bad_output_paths_and_chunk_size(tiny_model_dir, tmp_path):
     from models.errors import UserError
 

@@ -97,6 +97,7 @@ def test_tokenizer_without_pad_gets_eos(tiny_model_dir, tmp_path):
     assert load_tokenizer(str(tmp_path)).pad_token == tok.eos_token
 
 
+@pytest.mark.slow
 def test_cli_tiny_model(tmp_path):
     out = tmp_path / "cli-model"
     res = subprocess.run(

@@ -234,8 +234,12 @@ def test_ppo_rollout_and_losses_match_trl(seed, b, t, estimator, kl_coef, gamma,
     torch.testing.assert_close(rewards, roll.rewards, **TOL)
     advantages, returns = gae(rewards, roll.values, extended, gamma=gamma, lam=lam)
     torch.testing.assert_close(returns, roll.returns, **(TOL_WHITE if whiten else TOL))
+    # Whitening divides float error by the advantages' spread: with two nearly equal values (b=1, t=2) a 1e-7
+    # difference before whitening becomes 1e-5 after, so the tolerance grows by 1/std where the spread is small.
+    spread = masked_var(advantages, response, True).sqrt().item()
     advantages = masked_whiten(advantages, response)
-    torch.testing.assert_close(advantages, roll.advantages, **TOL_WHITE)
+    scale = max(1.0, 0.1 / max(spread, 1e-12))
+    torch.testing.assert_close(advantages, roll.advantages, rtol=TOL_WHITE["rtol"], atol=TOL_WHITE["atol"] * scale)
 
     theirs = trl_losses(x.new_logprobs, x.vpred, roll, cliprange=0.2, cliprange_value=0.2)
     pg, pg_stats = policy_loss(x.new_logprobs, roll.logprobs, roll.advantages, response, clip_range=0.2)
