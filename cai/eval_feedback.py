@@ -293,10 +293,9 @@ def summarize(rows: list[dict], result: dict, n_bins: int = 10) -> dict:
 
 def reliability_diagram(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, path: Path, title: str) -> Path:
     """Plot accuracy against confidence per bin (with the bins' counts) and save it as a PNG."""
-    import matplotlib
+    from cai.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     edges = torch.linspace(0, 1, n_bins + 1)
     bins = torch.bucketize(conf, edges[1:-1])

@@ -217,10 +217,9 @@ def summarize_set(labels: list[str], responses: list[dict], scores: list[float] 
 
 def plot_winrates(results: dict, path: str | Path) -> Path:
     """Win-rate heatmaps (row beats column) for each prompt set and an Elo bar chart; saved as a PNG."""
-    import matplotlib
+    from cai.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     labels, sets = results["labels"], results["sets"]

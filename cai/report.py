@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from cai.plotting import pyplot
+
 STAGES = {"sft": "SFT (SL-CAI model)", "pm": "Preference model", "ppo": "PPO (RL-CAI model)"}
 """Training stage folder -> title; each holds TensorBoard event files somewhere below it."""
 KNOWN_TAGS = tuple(
@@ -72,22 +74,13 @@ def finals(scalars: dict, *tags: str) -> str:
     return "final " + ", ".join(f"{t} {fmt(last(scalars, t))}" for t in tags)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(scalars: dict, title: str, path: Path) -> Path:
     """One subplot per scalar tag (known tags first), saved as a PNG."""
     tags = [t for t in KNOWN_TAGS if t in scalars] + sorted(t for t in scalars if t not in KNOWN_TAGS)
     tags = tags[:MAX_PANELS]
     cols = min(3, len(tags))
     rows = -(-len(tags) // cols)
-    plt = _plt()
+    plt = pyplot()
     # The constrained layout keeps room for the suptitle; tight_layout let it run into the first row's titles.
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     for ax, tag in zip(axes.flat, tags):
@@ -107,7 +100,7 @@ def plot_curves(scalars: dict, title: str, path: Path) -> Path:
 
 def plot_label_histogram(records: list[dict], path: Path) -> Path:
     """Histograms of the AI labels: P(response_a better) and P(chosen better)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     for ax, key, bins, note in (
         (axes[0], "p_a", [i / 20 for i in range(21)], "P(response A better); 0.5: no preference"),
