@@ -140,12 +140,10 @@ class RowSampler(transformers.LogitsProcessor):
 
     def __init__(self, cfg: SamplingConfig, pads: list[int], seeds: list[int], device: torch.device):
         self.pads = pads
+        self.pad_width = torch.tensor(pads, device=device)[:, None]  # (R, 1)
         lp = transformers.generation.logits_process
-        self.penalties = []
-        if cfg.repetition_penalty != 1.0:
-            self.penalties.append(lp.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
-        if cfg.no_repeat_ngram_size:
-            self.penalties.append(lp.NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
+        self.repetition_penalty = cfg.repetition_penalty
+        self.ngram_ban = lp.NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size) if cfg.no_repeat_ngram_size else None
         self.warpers, self.generators = [], []
         if cfg.temperature > 0:
             # HF's own warpers in HF's order, so the filtered distribution is the one do_sample=True draws from.
@@ -157,15 +155,23 @@ class RowSampler(transformers.LogitsProcessor):
             self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float()
-        if self.penalties:
-            rows = []
-            for r, pad in enumerate(self.pads):
-                ids, row = input_ids[r : r + 1, pad:], scores[r : r + 1].clone()
-                for proc in self.penalties:
-                    row = proc(ids, row)
-                rows.append(row)
-            scores = torch.cat(rows)
+        scores = scores.float()  # (R, V)
+        if self.repetition_penalty != 1.0:
+            # HF's repetition penalty (divide positive logits, multiply negative ones, once per distinct token), on
+            # each row's own tokens: a pad column points at the row's first real token, which is penalised anyway.
+            first = input_ids.gather(1, self.pad_width.clamp(max=input_ids.shape[1] - 1))  # (R, 1)
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+            ids = torch.where(columns < self.pad_width, first, input_ids)  # (R, T)
+            seen = scores.gather(1, ids)  # (R, T)
+            seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
+            scores = scores.scatter(1, ids, seen)
+        if self.ngram_ban is not None:  # HF's n-gram ban loops over rows itself; each row without its padding
+            scores = torch.cat(
+                [
+                    self.ngram_ban(input_ids[r : r + 1, pad:], scores[r : r + 1].clone())
+                    for r, pad in enumerate(self.pads)
+                ]
+            )
         for warp in self.warpers:
             scores = warp(input_ids, scores)
         if self.generators:

@@ -80,39 +80,18 @@ def check_lightning_stage(module, datamodule, config: dict, prog: str) -> None:
     """Parse a training stage's config and build its model and data modules, without running anything.
 
     Cheap (no network is loaded, no data read), so that a typo or a value out of range fails before the first stage
-    runs. The argument links are those of ``cai.training.run_cli``; the trainer itself is not built.
+    runs (``cai.training.check_cli``: the same parser as the stage's ``run_cli``; the trainer is not built).
     """
-    import inspect
-
-    from lightning.pytorch.cli import LightningCLI
-
-    class CheckCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments(
-                ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n
-            )
-            if "prompt_format" in inspect.signature(module.__init__).parameters:
-                parser.link_arguments("model.prompt_format", "data.prompt_format")
-
-        def instantiate_classes(self) -> None:
-            self.config_init = self.parser.instantiate(self.config)
-
     from jsonargparse import ArgumentError
 
+    from cai.training import check_cli
     from models.errors import UserError
 
     config = {k: v for k, v in config.items() if k != "ckpt_path"}  # a ``fit`` argument, not a module's
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         try:
-            CheckCLI(
-                module,
-                datamodule,
-                args=["--config", _yaml_file(config)],
-                run=False,
-                save_config_callback=None,
-                parser_kwargs={"prog": prog, "exit_on_error": False},
-            )
+            check_cli(module, datamodule, ["--config", _yaml_file(config)], prog)
         except ArgumentError as err:
             raise UserError(" ".join(str(err).split())) from None
 

@@ -199,20 +199,16 @@ class HFModule(L.LightningModule):
             print(f"saved the trained model in Hugging Face format to {path}")
 
 
-def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataModule], args, prog: str):
-    """Run a training stage as a LightningCLI program (``fit``, ``validate``, ...; the config saved with the run).
+def _stage_cli(module: type[L.LightningModule]):
+    """The LightningCLI class of the training stages.
 
-    The data's tokenizer is linked to the model's, so it is written once in a config. The CLI (jsonargparse and its
-    helpers) is imported here, not with this module, so that importing a stage costs only what training needs.
-    The progress bar is ``cai.progress.RunProgressBar`` (steps or PPO rollouts out of the whole run, with an ETA),
-    unless the config names another progress bar callback or sets ``trainer.enable_progress_bar: false``.
+    The data's tokenizer (and PPO's prompt format) is linked to the model's; ``cai.progress.RunProgressBar`` is the
+    progress bar unless the config names another bar or turns bars off.
     """
     import inspect
 
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
-
-    from cai.progress import RunProgressBar
 
     class CAICLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -230,11 +226,45 @@ def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataMod
                 self.trainer_defaults = {k: v for k, v in self.trainer_defaults.items() if k != "callbacks"}
             return super()._instantiate_trainer(config, callbacks)
 
-    return CAICLI(
+    return CAICLI
+
+
+def run_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataModule], args, prog: str):
+    """Run a training stage as a LightningCLI program (``fit``, ``validate``, ...; the config saved with the run).
+
+    The data's tokenizer is linked to the model's, so it is written once in a config. The CLI (jsonargparse and its
+    helpers) is imported here, not with this module, so that importing a stage costs only what training needs.
+    The progress bar is ``cai.progress.RunProgressBar`` (steps or PPO rollouts out of the whole run, with an ETA),
+    unless the config names another progress bar callback or sets ``trainer.enable_progress_bar: false``.
+    """
+    from cai.progress import RunProgressBar
+
+    return _stage_cli(module)(
         module,
         datamodule,
         args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": prog},
         trainer_defaults={"callbacks": [RunProgressBar()]},
+    )
+
+
+def check_cli(module: type[L.LightningModule], datamodule: type[L.LightningDataModule], args, prog: str) -> None:
+    """Parse a training stage's arguments as ``run_cli`` does and build its model and data modules, not the trainer.
+
+    Cheap (no network is loaded, no data read): a typo or a value out of range fails here. Parse errors raise
+    jsonargparse's ``ArgumentError`` instead of exiting.
+    """
+
+    class CheckCLI(_stage_cli(module)):
+        def instantiate_classes(self) -> None:
+            self.config_init = self.parser.instantiate(self.config)
+
+    CheckCLI(
+        module,
+        datamodule,
+        args=args,
+        run=False,
+        save_config_callback=None,
+        parser_kwargs={"prog": prog, "exit_on_error": False},
     )

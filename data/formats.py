@@ -168,10 +168,14 @@ class PromptFormat:
             raise ValueError(f"prompt_format=chat: {name} has no chat template; use transcript")
         self.tokenizer = tokenizer
         self.kind: str = "chat" if kind == "chat" or (kind == "auto" and has_template) else "transcript"
-        self.end_of_turn = self._end_of_turn()
-        # What separates the opening of an assistant turn from its text (" " in transcript form, often "" in chat
-        # templates): text that the code writes into an assistant turn ("The answer is:") starts with it.
-        self.assistant_sep = " " if not self.is_chat else self._assistant_sep()
+        # How the format closes an assistant turn, and what separates a turn's opening from its text (" " in the
+        # transcript, often "" in chat templates; text the code writes into an assistant turn starts with it).
+        self.assistant_sep, self.assistant_close = (" ", tokenizer.eos_token or "")
+        if self.is_chat:
+            self.assistant_sep, self.assistant_close = self._assistant_turn_edges()
+        self.end_of_turn = self.assistant_close.rstrip()
+        """What ends an assistant message (e.g. ``<|im_end|>``; EOS in the transcript)."""
+        self._eot_id = self._end_of_turn_id()
 
     @property
     def is_chat(self) -> bool:
@@ -210,9 +214,8 @@ class PromptFormat:
     # ---------------------------------------------------------------------------------------- stopping
     def stop_token_ids(self) -> list[int]:
         """Token ids that end a response: EOS and the chat template's end-of-turn token when it is one token."""
-        tok = self.tokenizer
+        tok, eot = self.tokenizer, self._eot_id
         ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        eot = self._end_of_turn_id()
         return ids + ([eot] if eot is not None and eot not in ids else [])
 
     def stop_strings(self, kind: Literal["answer", "critique", "cot"] = "answer") -> list[str]:
@@ -222,7 +225,7 @@ class PromptFormat:
         """
         stops = {"answer": ANSWER_STOPS, "critique": TURN_LABEL_STOPS, "cot": COT_STOPS}[kind]
         eot = self.end_of_turn.strip()
-        extra = [eot] if eot and self._end_of_turn_id() is None and eot != self.tokenizer.eos_token else []
+        extra = [eot] if eot and self._eot_id is None and eot != self.tokenizer.eos_token else []
         return list(stops) + extra
 
     def _end_of_turn_id(self) -> int | None:
@@ -232,22 +235,16 @@ class PromptFormat:
         ids = self.tokenizer(eot, add_special_tokens=False)["input_ids"]
         return ids[0] if len(ids) == 1 and ids[0] in self.tokenizer.all_special_ids else None
 
-    def _assistant_sep(self) -> str:
+    def _assistant_turn_edges(self) -> tuple[str, str]:
+        """(separator, close) of an assistant turn in the chat template, read off one rendered dialogue."""
         marker = "XQZ7"
         head = self.prompt("hi")
         full = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
         )
-        return full[len(head) : full.rindex(marker)] if full.startswith(head) else ""
-
-    def _end_of_turn(self) -> str:
-        """What the format writes after an assistant message (e.g. ``<|im_end|>``); EOS in transcript form."""
-        if not self.is_chat:
-            return self.tokenizer.eos_token or ""
-        marker = "XQZ7"
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return full[full.rindex(marker) + len(marker) :].rstrip()
+        at = full.rindex(marker)
+        sep = full[len(head) : at] if full.startswith(head) else ""
+        return sep, full[at + len(marker) :]
 
     # ---------------------------------------------------------------------------------------- SL-CAI critiques
     def critique_prompt(
@@ -282,7 +279,7 @@ class PromptFormat:
         if not self.is_chat:
             return f"{critique_prompt} {critique.strip()}{frame_revision_request(request)}"
         sep = " " if critique_prompt.endswith(COT_CRITIQUE_START) else self.assistant_sep  # after the CoT lead
-        return critique_prompt + sep + critique.strip() + self._assistant_close() + self.prompt_suffix(request)
+        return critique_prompt + sep + critique.strip() + self.assistant_close + self.prompt_suffix(request)
 
     def prompt_suffix(self, user_text: str) -> str:
         """A further user turn and the opening of the assistant's answer, as it follows a closed assistant turn."""
@@ -292,12 +289,6 @@ class PromptFormat:
             head + [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
         )
         return more[len(closed) :]
-
-    def _assistant_close(self) -> str:
-        marker = "XQZ7"
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return full[full.rindex(marker) + len(marker) :]
 
     # ---------------------------------------------------------------------------------------- AI feedback
     def feedback_context(self, shots: Sequence[tuple[str, str]], question: str) -> str:

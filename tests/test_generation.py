@@ -115,3 +115,19 @@ def test_keyed_sampling_draws_from_the_filtered_softmax(tiny_model, tiny_tokeniz
     assert set(firsts) <= set(expect)
     tv = sum(abs(firsts.count(t) / n - p) for t, p in expect.items()) / 2
     assert tv < 0.04, (tv, expect)
+
+
+def test_row_sampler_repetition_penalty_is_hfs_on_each_rows_own_tokens():
+    import transformers
+
+    from cai.generation import RowSampler
+
+    torch.manual_seed(0)
+    ids, pads = torch.randint(1, 50, (5, 9)), [0, 3, 1, 8, 2]  # row 3 has a single real token
+    for r, pad in enumerate(pads):
+        ids[r, :pad] = 0  # left padding, whose token must not be penalised
+    scores = torch.randn(5, 50)
+    fast = RowSampler(SamplingConfig(temperature=0.0, repetition_penalty=1.3), pads, [0] * 5, torch.device("cpu"))
+    hf = transformers.generation.logits_process.RepetitionPenaltyLogitsProcessor(1.3)
+    slow = torch.cat([hf(ids[r : r + 1, pad:], scores[r : r + 1].clone()) for r, pad in enumerate(pads)])
+    assert torch.equal(fast(ids, scores.clone()), slow)
