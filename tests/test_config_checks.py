@@ -33,8 +33,13 @@ def test_out_of_range_settings_are_refused_with_their_name(make, message):
         make()
 
 
-def test_defaults_pass_their_own_checks():
-    SamplingConfig(), FeedbackConfig(), CritiqueConfig(), PPOConfig()
+def test_defaults_and_edge_values_pass_their_own_checks():
+    # Boundary values that are valid must not be refused: greedy decoding, no few-shot, zero rounds, target_kl 0.
+    assert SamplingConfig(temperature=0.0, top_k=0).temperature == 0.0
+    assert FeedbackConfig(num_few_shot=0, clamp_low=0.5, clamp_high=0.5).clamp_low == 0.5
+    assert CritiqueConfig(rounds=0, num_few_shot=None).rounds == 0
+    assert PPOConfig(target_kl=0.0, kl_coef=0.0).target_kl == 0.0
+    assert SamplingConfig().prompt_format == "auto" and PPOConfig().num_minibatches == 2
 
 
 @pytest.mark.slow
