@@ -15,17 +15,25 @@ import warnings
 # name -> ("module:function", kind, one-line help). kind "fn" is parsed by jsonargparse.CLI from the function's
 # signature and docstring; kind "argv" receives the remaining arguments itself (LightningCLI programs).
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "pipeline": ("cai.pipeline:run", "fn", "the whole method, stage by stage, resumable (the main job)"),
+    "pipeline": ("cai.stages.pipeline:run", "fn", "the whole method, stage by stage, resumable (the main job)"),
     "tiny-model": ("models.tiny:main", "fn", "build a tiny random HF model and tokenizer for offline runs"),
     "import-model": ("models.gguf:import_model", "fn", "write a GGUF (or any) model as a safetensors HF folder"),
-    "sl-data": ("cai.sl_data:run", "fn", "SL-CAI: critique-revision data from red-team and helpful prompts"),
-    "sft": ("cai.sft:cli_main", "argv", "SL-CAI: supervised fine-tuning (LightningCLI: cai sft fit ...)"),
-    "label": ("cai.label:run", "fn", "RL-CAI: response pairs labelled by AI feedback (soft labels)"),
-    "eval-feedback": ("cai.eval_feedback:run", "fn", "accuracy and calibration of a feedback model"),
-    "pm": ("cai.pm:cli_main", "argv", "RL-CAI: preference model (LightningCLI: cai pm fit ...)"),
-    "ppo": ("cai.ppo:cli_main", "argv", "RL-CAI: PPO against the preference model (cai ppo fit ...)"),
-    "eval": ("cai.evaluate:run", "fn", "compare checkpoints: PM scores, win rates and Elo by the feedback model"),
-    "report": ("cai.report:main", "fn", "write report.md (curves, labels, Elo, samples, config) for a run folder"),
+    "sl-data": ("cai.stages.sl_data:run", "fn", "SL-CAI: critique-revision data from red-team and helpful prompts"),
+    "sft": ("cai.stages.sft:cli_main", "argv", "SL-CAI: supervised fine-tuning (LightningCLI: cai sft fit ...)"),
+    "label": ("cai.stages.label:run", "fn", "RL-CAI: response pairs labelled by AI feedback (soft labels)"),
+    "eval-feedback": ("cai.stages.eval_feedback:run", "fn", "accuracy and calibration of a feedback model"),
+    "pm": ("cai.stages.pm:cli_main", "argv", "RL-CAI: preference model (LightningCLI: cai pm fit ...)"),
+    "ppo": ("cai.stages.ppo:cli_main", "argv", "RL-CAI: PPO against the preference model (cai ppo fit ...)"),
+    "eval": (
+        "cai.stages.evaluate:run",
+        "fn",
+        "compare models: PM scores, win rates and Elo by the feedback model",
+    ),
+    "report": (
+        "cai.stages.report:main",
+        "fn",
+        "write report.md (curves, labels, Elo, samples) for a run folder",
+    ),
 }
 
 
@@ -221,7 +229,7 @@ def check_stage(name: str, kwargs: dict, pending: frozenset[str] = frozenset()) 
             raise UserError(f"prompts.helpful_ratio={src.helpful_ratio}: must be in [0, 1)")
 
     def constitution(value: str, feedback: bool = False) -> None:
-        from cai.constitution import load_constitution
+        from cai.method.constitution import load_constitution
 
         const = load_constitution(value)
         if feedback:

@@ -71,9 +71,9 @@ def _cai_callback(timer: WindowTimer, network, count_batch=None):
 
 
 def run_sft_cai(spec: dict) -> dict:
-    """One SFT run of ``cai.sft.SFTModule`` on ``data.sft.SFTDataModule`` with a ``lightning.Trainer``."""
+    """One SFT run of ``cai.stages.sft.SFTModule`` on ``data.sft.SFTDataModule`` with a ``lightning.Trainer``."""
     setup_worker(spec)
-    from cai.sft import SFTModule
+    from cai.stages.sft import SFTModule
     from data.sft import SFTDataModule
 
     timer = WindowTimer(spec["warmup"], spec["steps"])
@@ -91,9 +91,9 @@ def run_sft_cai(spec: dict) -> dict:
 
 
 def run_rm_cai(spec: dict) -> dict:
-    """One hard-label preference-model run of ``cai.pm.PreferenceModule`` on ``PreferenceDataModule``."""
+    """One hard-label preference-model run of ``cai.stages.pm.PreferenceModule`` on ``PreferenceDataModule``."""
     setup_worker(spec)
-    from cai.pm import PreferenceModule
+    from cai.stages.pm import PreferenceModule
     from data.preference import PreferenceDataModule
 
     timer = WindowTimer(spec["warmup"], spec["steps"])
@@ -122,7 +122,7 @@ def run_rm_cai(spec: dict) -> dict:
 
 
 def run_ppo_cai(spec: dict) -> dict:
-    """One PPO run of ``cai.ppo.PPOModule`` on ``PromptDataModule`` with a ``lightning.Trainer``.
+    """One PPO run of ``cai.stages.ppo.PPOModule`` on ``PromptDataModule`` with a ``lightning.Trainer``.
 
     The window is timed by rollouts (``on_train_batch_end``; one training step is one rollout of ``batch_size``
     prompts). ``spec["ppo"]["critic"]``: a separate critic started from the preference model (TRL's layout) instead
@@ -131,7 +131,7 @@ def run_ppo_cai(spec: dict) -> dict:
     setup_worker(spec)
     import lightning as L
 
-    from cai.ppo import PPOConfig, PPOModule
+    from cai.stages.ppo import PPOConfig, PPOModule
     from data.prompt_data import PromptDataModule
     from models import ModelConfig
 

@@ -1,4 +1,4 @@
-"""Tokens per second of ``cai.generation.Generator`` against ``pipeline("text-generation")`` on a prompt list.
+"""Tokens per second of ``cai.method.generation.Generator`` against ``pipeline("text-generation")`` on a prompt list.
 
 The baseline is how the seed recipe samples: a transformers text-generation pipeline called on the list of prompts.
 Both sample with the same model, prompts, temperature, top_p and ``max_new_tokens``; only generated tokens count.
@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import pipeline
 
-from cai.generation import Generator, SamplingConfig
+from cai.method.generation import Generator, SamplingConfig
 from data.prompts import load_prompts
 from models import ModelConfig, load_model, load_tokenizer
 from models.tiny import TinyModelConfig, make_tiny_model

@@ -53,7 +53,7 @@ def parity_sft(spec: dict, n: int) -> dict:
     """
     import torch
 
-    from cai.sft import SFTModule
+    from cai.stages.sft import SFTModule
     from data.sft import SFTDataModule
     from losses import sft_loss
 
@@ -87,7 +87,7 @@ def parity_rm(spec: dict, n: int) -> dict:
     """
     import torch
 
-    from cai.pm import PreferenceModule
+    from cai.stages.pm import PreferenceModule
     from data.preference import PreferenceDataModule, join_pairs
 
     device = torch.device(spec["device"])

@@ -4,10 +4,10 @@ For each stage both systems train the same model on the same data (identical tok
 sequence length, optimizer settings (AdamW, constant learning rate, betas 0.9/0.999, no weight decay, gradient
 clipping at 1.0), precision, attention kernel and number of CPU threads:
 
-* SFT: ``cai.sft.SFTModule`` + ``data.sft.SFTDataModule`` on a ``lightning.Trainer`` against ``trl.SFTTrainer``
+* SFT: ``cai.stages.sft.SFTModule`` + ``data.sft.SFTDataModule`` on a ``lightning.Trainer`` against ``trl.SFTTrainer``
   (prompt/completion data, loss on completions only, TRL's default ``loss_type``);
-* rm: ``cai.pm.PreferenceModule`` with hard labels against ``trl.RewardTrainer``;
-* PPO: ``cai.ppo.PPOModule`` + ``data.prompt_data.PromptDataModule`` against ``trl.experimental.ppo.PPOTrainer``
+* rm: ``cai.stages.pm.PreferenceModule`` with hard labels against ``trl.RewardTrainer``;
+* PPO: ``cai.stages.ppo.PPOModule`` + ``data.prompt_data.PromptDataModule`` against ``trl.experimental.ppo.PPOTrainer``
   on the built-in red_team prompts, with a tiny preference model (started from the policy) as reward model (and as
   TRL's value model); throughput in episodes (responses) per second over whole rollouts. Per-token rewards,
   advantages, returns and losses are checked against TRL's ``PPOTrainer.train`` math (``trl_ppo_reference.py``) on

@@ -76,10 +76,10 @@ def clean_env() -> dict:
 
 
 def recording_letter_share(prompts: list[str], responses: list[str]) -> list[float]:
-    """``cai.rewards.letter_share``, which also appends each rollout's prompts (one line) to ``$CAI_PROMPT_LOG``."""
+    """``cai.method.rewards.letter_share``; also appends each rollout's prompts (one line) to ``$CAI_PROMPT_LOG``."""
     import json
 
-    from cai.rewards import letter_share
+    from cai.method.rewards import letter_share
 
     with open(os.environ["CAI_PROMPT_LOG"], "a") as f:
         f.write(json.dumps(prompts) + "\n")

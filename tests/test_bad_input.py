@@ -248,7 +248,7 @@ def _expand(argv: list[str], ws: Path, model: Path) -> list[str]:
         "{SFTCFG}": ["--config", str(CONFIGS / "sft/tiny.yaml")],
         "{PM}": run_args("pm/tiny.yaml"),
         "{PPO}": run_args("ppo/tiny.yaml")
-        + ["--model.preference_model", "null", "--model.reward_function", "cai.rewards:letter_share"],
+        + ["--model.preference_model", "null", "--model.reward_function", "cai.method.rewards:letter_share"],
         "{PPOPM}": run_args("ppo/tiny.yaml"),
         "{PIPE}": ["--config", str(CONFIGS / "pipeline/tiny.yaml"), "--run_dir", str(ws / "out")],
     }

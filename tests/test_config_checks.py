@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from cai.feedback import FeedbackConfig
-from cai.generation import SamplingConfig
-from cai.ppo import PPOConfig
-from cai.sl_data import CritiqueConfig
+from cai.method.feedback import FeedbackConfig
+from cai.method.generation import SamplingConfig
+from cai.stages.ppo import PPOConfig
+from cai.stages.sl_data import CritiqueConfig
 from helpers import clean_env
 
 
@@ -51,10 +51,10 @@ def test_the_cli_refuses_a_bad_setting_before_loading_anything(tmp_path):
 
 
 def test_ppo_refuses_minibatches_that_do_not_divide_the_batch(tiny_model_dir, tmp_path):
-    from cai.ppo import cli_main
+    from cai.stages.ppo import cli_main
     from helpers import run_args
 
     args = run_args("configs/ppo/tiny.yaml", tiny_model_dir, tmp_path) + ["--model.preference_model", "null"]
-    args += ["--model.reward_function", "cai.rewards:letter_share", "--data.batch_size", "8"]
+    args += ["--model.reward_function", "cai.method.rewards:letter_share", "--data.batch_size", "8"]
     with pytest.raises(ValueError, match="data.batch_size=8 is not divisible by model.ppo.num_minibatches=3"):
         cli_main(args + ["--model.ppo.num_minibatches", "3"])

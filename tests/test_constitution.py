@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai.constitution import (
+from cai.method.constitution import (
     PAPER_FILES,
     Constitution,
     ConstitutionError,

@@ -4,9 +4,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import cai.eval_feedback as ef
-from cai.eval_feedback import EvalDataError, evaluate, read_evals, summarize, swap_options
-from cai.eval_feedback import run as eval_feedback
+import cai.stages.eval_feedback as ef
+from cai.stages.eval_feedback import EvalDataError, evaluate, read_evals, summarize, swap_options
+from cai.stages.eval_feedback import run as eval_feedback
 from helpers import slow_logprob
 from models import ModelConfig
 from models.logprobs import continuation_logprobs

@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-import cai.evaluate as evaluate
-from cai.constitution import load_constitution
-from cai.elo import ELO_SCALE, bootstrap_elo, fit_elo, win_probability, win_rates
-from cai.generation import SamplingConfig
+import cai.stages.evaluate as evaluate
+from cai.method.constitution import load_constitution
+from cai.method.elo import ELO_SCALE, bootstrap_elo, fit_elo, win_probability, win_rates
+from cai.method.generation import SamplingConfig
 from models import ModelConfig, load_tokenizer
 from models.heads import PreferenceModel
 from models.tiny import TinyModelConfig, make_tiny_model

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from cai.constitution import load_constitution
-from cai.feedback import FeedbackConfig, FeedbackScorer
-from cai.generation import Generation, Generator, SamplingConfig
-from cai.ppo import PPOModule
-from cai.sl_data import CritiqueConfig, critique_revise
+from cai.method.constitution import load_constitution
+from cai.method.feedback import FeedbackConfig, FeedbackScorer
+from cai.method.generation import Generation, Generator, SamplingConfig
+from cai.stages.ppo import PPOModule
+from cai.stages.sl_data import CritiqueConfig, critique_revise
 from data.formats import (
     OPTIONS,
     PromptFormat,
@@ -53,7 +53,7 @@ def test_chat_prompt_renders_identically_in_sft_ppo_and_the_preference_model(smo
     assert real_tok.decode(sft_prompt).endswith("<|im_start|>assistant\n")
     assert real_tok.convert_ids_to_tokens(sft_full[n_prompt:])[-2:] == ["<|im_end|>", "Ċ"]
     # PPO: the rollout's query is the policy module's format applied to the prompt; its data module measures the same.
-    ppo = PPOModule(ModelConfig(str(smollm2_dir)), reward_function="cai.rewards:letter_share")
+    ppo = PPOModule(ModelConfig(str(smollm2_dir)), reward_function="cai.method.rewards:letter_share")
     ppo.configure_model()  # loads the policy, the reference and the tokenizer as `cai ppo` does
     ppo_query = real_tok(ppo.format.prompt(PROMPT), add_special_tokens=False)["input_ids"]
     assert ppo_query == sft_prompt and ppo.stop_ids == [2]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cai.generation import Generator, SamplingConfig, format_prompt, length_buckets
+from cai.method.generation import Generator, SamplingConfig, format_prompt, length_buckets
 
 PROMPTS = ["Hi", "What is the capital of France, and why is it famous?", "Tell me a story.", "2+2?", "Why?"]
 
@@ -120,7 +120,7 @@ def test_keyed_sampling_draws_from_the_filtered_softmax(tiny_model, tiny_tokeniz
 def test_row_sampler_repetition_penalty_is_hfs_on_each_rows_own_tokens():
     import transformers
 
-    from cai.generation import RowSampler
+    from cai.method.generation import RowSampler
 
     torch.manual_seed(0)
     ids, pads = torch.randint(1, 50, (5, 9)), [0, 3, 1, 8, 2]  # row 3 has a single real token

@@ -7,13 +7,13 @@ import pytest
 import torch
 import yaml
 
-import cai.feedback as feedback_mod
-from cai.constitution import load_constitution
-from cai.feedback import FeedbackConfig, FeedbackScorer
-from cai.generation import Generation, SamplingConfig
-from cai.label import aggregate
-from cai.label import run as label
-from cai.sl_data import PromptSources
+import cai.method.feedback as feedback_mod
+from cai.method.constitution import load_constitution
+from cai.method.feedback import FeedbackConfig, FeedbackScorer
+from cai.method.generation import Generation, SamplingConfig
+from cai.stages.label import aggregate
+from cai.stages.label import run as label
+from cai.stages.sl_data import PromptSources
 from data.formats import OPTIONS, cot_question, feedback_question
 from helpers import kill_after_lines, slow_logprob
 from models import ModelConfig

@@ -46,7 +46,7 @@ def test_the_check_sees_a_back_edge(tmp_path, monkeypatch):
     # The checker must be able to fail: a models/ module that imports cai is reported.
     fake = tmp_path / "models"
     fake.mkdir()
-    (fake / "bad.py").write_text("def f():\n    from cai.feedback import FeedbackConfig\n")
+    (fake / "bad.py").write_text("def f():\n    from cai.method.feedback import FeedbackConfig\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     for layer in LAYERS:
         (tmp_path / layer).mkdir(exist_ok=True)

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from cai.pipeline import run
+from cai.stages.pipeline import run
 from models.tiny import TinyModelConfig
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from cai.pm import PreferenceModule, SoftCalibrationError, cli_main
+from cai.stages.pm import PreferenceModule, SoftCalibrationError, cli_main
 from data.formats import PromptFormat
 from data.preference import PreferenceCollator, tokenize_pair
 from helpers import run_args, scalars

@@ -5,14 +5,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cai.pm import PreferenceModule  # noqa: F401  (imported so the module is importable in CI)
-from cai.ppo import cli_main
+from cai.stages.pm import PreferenceModule  # noqa: F401  (imported so the module is importable in CI)
+from cai.stages.ppo import cli_main
 from helpers import clean_env, run_args, scalars
 from models import ModelConfig
 from models.heads import PreferenceModel
 
 
-def ppo_args(policy, out, rollouts, *extra, reward="cai.rewards:letter_share"):
+def ppo_args(policy, out, rollouts, *extra, reward="cai.method.rewards:letter_share"):
     args = run_args("configs/ppo/tiny.yaml", policy, out) + ["--model.ppo.total_rollouts", str(rollouts)]
     if reward:
         args += ["--model.preference_model", "null", "--model.reward_function", reward]
@@ -122,7 +122,7 @@ def test_ppo_resumes_from_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_nan_reward_stops_with_checkpoint(tiny_model_dir, tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite scores at rollout 2 \(rollout"):
-        cli_main(ppo_args(tiny_model_dir, tmp_path, 5, reward="cai.rewards:nan_after_two_calls"))
+        cli_main(ppo_args(tiny_model_dir, tmp_path, 5, reward="cai.method.rewards:nan_after_two_calls"))
     saved = list(tmp_path.glob("nonfinite-rollout2.ckpt"))
     assert saved and torch.load(saved[0], weights_only=False)["ppo_state"]["rollouts_done"] == 2
 

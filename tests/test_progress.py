@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cai.progress import RunProgressBar, run_progress
-from cai.sft import cli_main
+from cai.stages.sft import cli_main
 from helpers import base_args
 
 

@@ -11,7 +11,7 @@ import json
 import datasets
 import yaml
 
-from cai.pipeline import run as pipeline
+from cai.stages.pipeline import run as pipeline
 from data.formats import PromptFormat
 from models import load_tokenizer
 

@@ -6,12 +6,12 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from cai.constitution import load_constitution
-from cai.evaluate import plot_winrates, summarize_set
-from cai.generation import Generator, SamplingConfig
-from cai.label import make_record
-from cai.report import cell, main, read_scalars, write_report
-from cai.sl_data import CritiqueConfig, critique_revise
+from cai.method.constitution import load_constitution
+from cai.method.generation import Generator, SamplingConfig
+from cai.stages.evaluate import plot_winrates, summarize_set
+from cai.stages.label import make_record
+from cai.stages.report import cell, main, read_scalars, write_report
+from cai.stages.sl_data import CritiqueConfig, critique_revise
 
 
 def write_scalars(folder, series):
@@ -193,7 +193,7 @@ def test_report_says_when_elo_is_flat_because_the_judge_is_near_chance(tmp_path,
 def test_curve_titles_stay_clear_of_the_suptitle(tmp_path):
     import matplotlib.pyplot as plt
 
-    from cai import report
+    from cai.stages import report
 
     saved = {}
     real_savefig = plt.Figure.savefig

@@ -13,11 +13,11 @@ import sys
 import pytest
 import yaml
 
-from cai.feedback import FeedbackConfig
-from cai.generation import SamplingConfig
-from cai.label import run as label
-from cai.sl_data import CritiqueConfig, PromptSources
-from cai.sl_data import run as sl_data
+from cai.method.feedback import FeedbackConfig
+from cai.method.generation import SamplingConfig
+from cai.stages.label import run as label
+from cai.stages.sl_data import CritiqueConfig, PromptSources
+from cai.stages.sl_data import run as sl_data
 from helpers import kill_after_lines
 from models import ModelConfig
 

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-from cai.sft import SFTModule, cli_main
+from cai.stages.sft import SFTModule, cli_main
 from data.formats import PromptFormat
 from data.sft import IGNORE_INDEX, SFTCollator, SFTDataModule, tokenize_example
 from helpers import base_args, clean_env, scalars
@@ -154,7 +154,7 @@ def test_sft_fsdp2_two_cpu_processes(tiny_model_dir, sft_file, tmp_path):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_module_loss_on_kept_positions_equals_full_logits_loss(tiny_model_dir, tiny_tokenizer, packing):
-    from cai.sft import SFTModule
+    from cai.stages.sft import SFTModule
     from models import ModelConfig
 
     tok = load_tokenizer(tiny_tokenizer.name_or_path, padding_side="right")

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from cai.constitution import load_constitution
-from cai.generation import SamplingConfig
-from cai.sft import cli_main
-from cai.sl_data import CritiqueConfig, PromptSources, run
+from cai.method.constitution import load_constitution
+from cai.method.generation import SamplingConfig
+from cai.stages.sft import cli_main
+from cai.stages.sl_data import CritiqueConfig, PromptSources, run
 from data.jsonl import ResumableJsonl
 from helpers import base_args, kill_after_lines, scalars
 from models import ModelConfig
@@ -150,7 +150,7 @@ def test_empty_and_overlong_prompts_are_counted(tiny_model_dir, tmp_path):
 
 
 def test_hold_out_last_keeps_evaluation_prompts_out(tiny_model_dir):
-    from cai.sl_data import load_prompt_mix
+    from cai.stages.sl_data import load_prompt_mix
     from data.prompt_data import PromptDataModule
     from data.prompts import load_prompts
 
@@ -195,7 +195,7 @@ def test_output_folder_remembers_its_settings(tiny_model_dir, tmp_path):
     # Other prompts, another constitution: refused before any work, naming the setting.
     with pytest.raises(UserError, match=r"prompts\.max_prompts was 8, now 6; use --overwrite"):
         small_run(tiny_model_dir, out, max_prompts=6)
-    const = yaml.safe_load(open("cai/constitutions/default.yaml"))
+    const = yaml.safe_load(open("cai/method/constitutions/default.yaml"))
     const["name"] = "mine"
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(const))
     with pytest.raises(UserError, match=r'settings differ .*: constitution\.name was "default", now "mine"'):

@@ -35,8 +35,8 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from cai.constitution import Constitution, load_constitution
-from cai.generation import Generator, SamplingConfig
+from cai.method.constitution import Constitution, load_constitution
+from cai.method.generation import Generator, SamplingConfig
 from data.formats import PromptFormat
 from data.jsonl import ResumableJsonl, check_out_dir, claim_out_dir
 from data.prompts import load_prompts_with_stats, mix_prompts

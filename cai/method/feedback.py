@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cai.constitution import Constitution, FeedbackExample
-from cai.generation import Generator, SamplingConfig
+from cai.method.constitution import Constitution, FeedbackExample
+from cai.method.generation import Generator, SamplingConfig
 from data.formats import (
     DEFAULT_PRINCIPLE,
     OPTIONS,

@@ -1,7 +1,7 @@
 """Response pairs and AI preference labels: ``cai label --config configs/label/tiny.yaml``.
 
 For every prompt the policy (the SL-CAI model) samples two responses; one or more feedback models compare them by
-principles sampled from the constitution (``cai.feedback``), and the result is a soft label: the probability that
+principles sampled from the constitution (``cai.method.feedback``), and the result is a soft label: the probability that
 one response is better. Records are appended to ``records.jsonl`` chunk by chunk, so a killed run continues where
 it stopped when started again, with the pairs the uninterrupted run would have sampled: both samples of a prompt are
 keyed by its id (``Generator.generate(keys=...)``), not by its chunk or batch (the feedback scores can differ in
@@ -23,10 +23,10 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from cai.constitution import Constitution, load_constitution
-from cai.feedback import FeedbackConfig, FeedbackScorer
-from cai.generation import Generator, SamplingConfig
-from cai.sl_data import PromptSources, constitution_fingerprint, load_prompt_mix
+from cai.method.constitution import Constitution, load_constitution
+from cai.method.feedback import FeedbackConfig, FeedbackScorer
+from cai.method.generation import Generator, SamplingConfig
+from cai.stages.sl_data import PromptSources, constitution_fingerprint, load_prompt_mix
 from data.formats import PromptFormat
 from data.jsonl import ResumableJsonl, check_out_dir, claim_out_dir
 from models import ModelConfig, load_model, load_tokenizer, resolve_device

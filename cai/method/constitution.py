@@ -2,7 +2,7 @@ r"""The constitution: the principles that steer SL-CAI critiques/revisions and R
 
 A constitution comes from one of three places (see :func:`load_constitution`):
 
-- ``"default"``: the project's own constitution shipped as ``cai/constitutions/default.yaml``;
+- ``"default"``: the project's own constitution shipped as ``cai/method/constitutions/default.yaml``;
 - a ``.yaml``/``.yml`` file in the project format (:meth:`Constitution.to_yaml` writes one);
 - a directory holding the JSON files published with Bai et al. (2022), read as they are
   (:func:`load_paper_constitution`).
@@ -181,8 +181,8 @@ class Constitution:
 
 
 def shipped_constitutions() -> list[str]:
-    """Names of the constitutions shipped in ``cai/constitutions`` (``"default"`` among them)."""
-    folder = resources.files("cai").joinpath("constitutions")
+    """Names of the constitutions shipped in ``cai/method/constitutions`` (``"default"`` among them)."""
+    folder = resources.files("cai.method").joinpath("constitutions")
     return sorted(p.name.rsplit(".", 1)[0] for p in folder.iterdir() if p.name.endswith((".yaml", ".yml")))
 
 
@@ -198,7 +198,7 @@ def load_constitution(path_or_name: str | Path | None = "default") -> Constituti
     """
     if path_or_name is None or (isinstance(path_or_name, str) and path_or_name in shipped_constitutions()):
         name = path_or_name or "default"
-        folder = resources.files("cai").joinpath("constitutions")
+        folder = resources.files("cai.method").joinpath("constitutions")
         resource = next(p for p in folder.iterdir() if p.name in (f"{name}.yaml", f"{name}.yml"))
         with resources.as_file(resource) as path:
             return _load_yaml(path)

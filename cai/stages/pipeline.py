@@ -159,12 +159,12 @@ def run(
         prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``), set for every stage so that a
             conversation is laid out the same way in sampling, SFT, labelling, the preference model, PPO and eval.
     """
-    from cai import eval_feedback
-    from cai import label as label_stage
-    from cai import sl_data as sl_stage
-    from cai.pm import cli_main as pm_cli
-    from cai.ppo import cli_main as ppo_cli
-    from cai.sft import cli_main as sft_cli
+    from cai.stages import eval_feedback
+    from cai.stages import label as label_stage
+    from cai.stages import sl_data as sl_stage
+    from cai.stages.pm import cli_main as pm_cli
+    from cai.stages.ppo import cli_main as ppo_cli
+    from cai.stages.sft import cli_main as sft_cli
 
     rd = Path(run_dir)
     tiny = tiny or TinyModelConfig()
@@ -278,13 +278,13 @@ def run(
 
     # The HHH accuracy comes from the eval_feedback stage above (same model): not computed twice.
     if eval_cfg is not None and stage("evaluation: base vs SL-CAI vs RL-CAI", rd / "eval" / "eval.json"):
-        from cai.evaluate import run as eval_run
+        from cai.stages.evaluate import run as eval_run
 
         run_function_stage(eval_run, eval_cfg, "cai eval")
 
     report = None
     if evaluate is not None:
-        from cai.report import write_report
+        from cai.stages.report import write_report
 
         report = write_report(rd)
     summary = {
@@ -322,13 +322,13 @@ def _check_stages(
     Raises:
         UserError: naming the stage (``pipeline: ppo: ...``) and the setting.
     """
-    from cai import label as label_stage
-    from cai import sl_data as sl_stage
     from cai.cli import check_stage
-    from cai.evaluate import run as eval_run
-    from cai.pm import PreferenceModule
-    from cai.ppo import PPOModule
-    from cai.sft import SFTModule
+    from cai.stages import label as label_stage
+    from cai.stages import sl_data as sl_stage
+    from cai.stages.evaluate import run as eval_run
+    from cai.stages.pm import PreferenceModule
+    from cai.stages.ppo import PPOModule
+    from cai.stages.sft import SFTModule
     from data.preference import PreferenceDataModule
     from data.prompt_data import PromptDataModule
     from data.sft import SFTDataModule

@@ -9,8 +9,8 @@ crowdworkers, here an AI feedback model stands in). The steps:
 3. the feedback model compares every pair of models' responses to each prompt with the paper's multiple-choice query
    (``data.formats.feedback_question``), in both orders, averaged to cancel position bias -> ``comparisons.jsonl``;
    red-team prompts are judged by a harmlessness principle, helpful prompts by a helpfulness principle;
-4. win rates and Elo scores (``cai.elo``) per prompt set; optionally the feedback model's accuracy on the paper's
-   438 HHH comparisons (``cai.eval_feedback``).
+4. win rates and Elo scores (``cai.method.elo``) per prompt set; optionally the feedback model's accuracy on the paper's
+   438 HHH comparisons (``cai.stages.eval_feedback``).
 
 Everything lands in ``out/eval.json`` and ``out/winrates.png``. Models are loaded one at a time and freed before the
 next. Responses and comparisons are written as they are made, so an interrupted run continues where it stopped; they
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cai.constitution import FeedbackPrinciple, load_constitution
-from cai.elo import bootstrap_elo, fit_elo, win_rates
-from cai.feedback import FeedbackConfig, FeedbackScorer
-from cai.generation import Generator, SamplingConfig
+from cai.method.constitution import FeedbackPrinciple, load_constitution
+from cai.method.elo import bootstrap_elo, fit_elo, win_rates
+from cai.method.feedback import FeedbackConfig, FeedbackScorer
+from cai.method.generation import Generator, SamplingConfig
 from data.formats import PromptFormat
 from data.jsonl import ResumableJsonl
 from data.prompts import load_prompts
@@ -394,7 +394,7 @@ def run(
         sets[name] = {"axis": AXES[name], "source": src, "prompts": n, "principle": asdict(principles[name])} | summary
     hhh = None
     if hhh_evals:
-        from cai.eval_feedback import run as eval_feedback
+        from cai.stages.eval_feedback import run as eval_feedback
 
         fm = ModelConfig(feedback_model, dtype=dtype)
         hhh = eval_feedback(fm, hhh_evals, str(out_dir / "hhh"), hhh_max_examples, batch_size, device=dev)

@@ -1,6 +1,6 @@
 """A Markdown report of a pipeline run: ``cai report --run_dir runs/demo``.
 
-It reads whatever the run directory holds (see ``cai.pipeline``): TensorBoard logs of the training stages, the
+It reads whatever the run directory holds (see ``cai.stages.pipeline``): TensorBoard logs of the training stages, the
 SL-CAI records, the AI labels, the evaluation and the configs, and writes ``run_dir/report.md`` with its figures in
 ``run_dir/report/``. Figures are drawn from the run's own data; a stage that has not run gets a one-line note.
 """

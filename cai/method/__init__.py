@@ -1,0 +1,1 @@
+"""The method's building blocks shared by the stages: constitution, feedback, generation, Elo, rewards."""
