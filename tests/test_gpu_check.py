@@ -1,0 +1,49 @@
+"""``scripts/gpu_check.sh --cpu-smoke``: the GPU check's every section runs at tiny sizes, so it cannot rot unseen."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    for section in ("bench", "ppo", "attention", "pipeline"):
+        assert re.search(rf"^## {section} \(\d+ s\)$", text, re.M), f"section {section} missing:\n{text}"
+    assert "failed" not in text
+    # The benchmark table has all three stages with a measured ratio each.
+    for stage in ("SFT", "reward model", "PPO"):
+        assert re.search(rf"^\| {stage}.*\*\*\d+\.\d+x\*\*", text, re.M), stage
+    # FSDP2 + bf16-true PPO: the policy starts as the reference, so the first rollout's KL is exactly 0.
+    assert re.search(r"^\| first rollout KL \(must be 0\) \| 0 \|$", text, re.M), text
+    # Attention kernels agree with sdpa (fp32 on a CPU).
+    eager = re.search(r"^\| eager \| [\d,]+ \| .* \| ([\d.e+-]+) \|$", text, re.M)
+    assert eager and float(eager.group(1)) < 1e-4
+    assert "every stage ran" in text and "sft" in text and "ppo" in text
+
+
+def test_gpu_check_refuses_unknown_sections(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--cpu-smoke", "--sections", "bench,warp", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "unknown warp" in proc.stderr
