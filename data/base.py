@@ -7,6 +7,7 @@ import warnings
 import datasets
 import lightning as L
 import torch
+from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
@@ -14,13 +15,18 @@ from models import load_tokenizer
 from models.errors import UserError, check_positive
 
 
-def check_split_settings(max_length: int, batch_size: int, num_workers: int, val_fraction: float, prompt_format: str):
-    """Refuse out-of-range settings of a tokenized-split DataModule (SFT, preference) before any data is read."""
-    check_positive(max_length, "data.max_length")
+def check_loader_settings(batch_size: int, num_workers: int, prompt_format: str) -> None:
+    """Refuse out-of-range settings that every DataModule has (SFT, preference, PPO prompts)."""
     check_positive(batch_size, "data.batch_size")
     if prompt_format not in ("auto", "chat", "transcript"):
         raise UserError(f"data.prompt_format={prompt_format!r}: must be auto, chat or transcript")
     check_positive(num_workers + 1, "data.num_workers + 1")
+
+
+def check_split_settings(max_length: int, batch_size: int, num_workers: int, val_fraction: float, prompt_format: str):
+    """Refuse out-of-range settings of a tokenized-split DataModule (SFT, preference) before any data is read."""
+    check_positive(max_length, "data.max_length")
+    check_loader_settings(batch_size, num_workers, prompt_format)
     if not 0 <= val_fraction < 1:
         raise UserError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
 
@@ -45,8 +51,8 @@ def resumable_loader(
     checkpoint, so a resumed run does not start its epoch again. On one process the shuffle is torchdata's stateful
     ``RandomSampler`` with its own generator seeded by ``seed``, so the epochs after a resumption are also in the
     uninterrupted run's order (a generator shared with the loader would also be drawn from for worker seeds, once more
-    per resumption). Across processes Lightning puts a ``DistributedSampler`` in its place, whose order depends only
-    on the seed and the epoch.
+    per resumption). Across processes the shuffle is a ``DistributedSampler`` seeded by ``seed``, whose order
+    depends only on the seed and the epoch (``tests/test_strategy_agreement.py`` resumes a 2-process run mid-epoch).
     """
     ds = ds.with_format(None)
     trainer = getattr(datamodule, "trainer", None)
@@ -54,6 +60,11 @@ def resumable_loader(
     sampler = None
     if shuffle and not distributed:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+    elif shuffle:
+        # Our own seeded DistributedSampler: Lightning keeps it (and calls set_epoch). Left to itself, Lightning
+        # would wrap the loader's torchdata sampler, whose generator no checkpoint saves, in a
+        # DistributedSamplerWrapper: a run resumed mid-epoch would then see other rows than an uninterrupted one.
+        sampler = DistributedSampler(ds, shuffle=True, seed=seed, **trainer.distributed_sampler_kwargs)
     return StatefulDataLoader(
         ds,
         batch_size=batch_size,

@@ -16,9 +16,10 @@ import torch
 
 from data.base import SplitDataModule, check_split_settings
 from data.formats import PromptFormat, transcript_to_messages
-from data.sft import load_any_dataset
+from data.sources import load_any_dataset
 from models import load_tokenizer
 from models.errors import UserError
+from models.padding import pad_rows
 
 
 def pair_texts(example: dict, fmt: PromptFormat, source: str = "dataset", row: int | None = None) -> tuple[str, str]:
@@ -47,6 +48,17 @@ def shared_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def parse_p_chosen(raw, where: str) -> float:
+    """A row's soft label ``p_chosen`` as a float in [0, 1], or a one-line ``UserError`` naming ``where``."""
+    try:
+        p = float(raw)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: p_chosen={raw!r} is not a number") from None
+    if not 0.0 <= p <= 1.0:  # NaN fails this too
+        raise UserError(f"{where}: p_chosen={raw!r} is not a probability in [0, 1]")
+    return p
+
+
 def tokenize_pair(
     example: dict,
     fmt: PromptFormat,
@@ -64,12 +76,7 @@ def tokenize_pair(
     where = f"{source}: row {row if row is not None else example.get('id', '?')}"
     raw = example.get("p_chosen")
     if raw is not None and not hard_labels:
-        try:
-            p = float(raw)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: p_chosen={raw!r} is not a number") from None
-        if not 0.0 <= p <= 1.0:  # NaN fails this too
-            raise UserError(f"{where}: p_chosen={raw!r} is not a probability in [0, 1]")
+        parse_p_chosen(raw, where)
     chosen, rejected = pair_texts(example, fmt, source, row)
     tokenizer = fmt.tokenizer
     ids_c = tokenizer(chosen, add_special_tokens=False)["input_ids"]
@@ -125,8 +132,8 @@ class PreferenceCollator:
         shared = [min(n, cap) for n in shared]
         prompts = [e["chosen_ids"][:n] for e, n in zip(examples, shared)]
         responses = [r for e, n in zip(examples, shared) for r in (e["chosen_ids"][n:], e["rejected_ids"][n:])]
-        prompt_ids, prompt_mask = self._pad(prompts, left=True)  # (B, P)
-        response_ids, response_mask = self._pad(responses, left=False)  # (2B, R)
+        prompt_ids, prompt_mask = pad_rows(prompts, self.pad_token_id, "left")  # (B, P)
+        response_ids, response_mask = pad_rows(responses, self.pad_token_id, "right")  # (2B, R)
         return {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
@@ -135,15 +142,6 @@ class PreferenceCollator:
             "p_chosen": torch.tensor([e["p_chosen"] for e in examples], dtype=torch.float32),  # (B,)
             "width": max(max(c, r) for c, r in lengths),
         }
-
-    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id)  # (N, W)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, W)
-        for i, r in enumerate(rows):
-            cols = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
-        return ids, mask
 
 
 def join_pairs(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,12 +154,7 @@ def join_pairs(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch
         for i in range(batch["prompt_ids"].shape[0]):
             pm, rm = batch["prompt_mask"][i].bool(), batch["response_mask"][2 * i + half].bool()
             rows.append(torch.cat([batch["prompt_ids"][i][pm], batch["response_ids"][2 * i + half][rm]]))
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (2B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = r, 1
-    return ids, mask
+    return pad_rows(rows, pad_token_id, "right")  # (2B, T) each
 
 
 class PreferenceDataModule(SplitDataModule):

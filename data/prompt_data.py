@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from data.base import resumable_loader
+from data.base import check_loader_settings, resumable_loader
 from data.formats import PromptFormat
 from data.prompts import load_prompts_with_stats
 from models import load_tokenizer
@@ -25,7 +25,8 @@ class PromptDataModule(L.LightningDataModule):
     """Batches of ``{"id": [...], "prompt": [...]}`` for ``cai ppo``.
 
     Args:
-        prompts: A built-in set name (red_team, helpful), a JSONL/JSON/Parquet/CSV file, or a datasets folder.
+        prompts: A built-in set name (red_team, helpful), a JSONL/JSON/Parquet/CSV file, a datasets folder, or a
+            hub dataset (``owner/name[/data_dir]``).
         prompt_column: Column with the prompt (string, chat messages or hh-rlhf transcript).
         tokenizer: Tokenizer location (linked to the policy's by ``cai ppo``).
         batch_size: Prompts per rollout on each device.
@@ -51,12 +52,9 @@ class PromptDataModule(L.LightningDataModule):
         prompt_format: str = "auto",
     ):
         super().__init__()
-        check_positive(batch_size, "data.batch_size")
-        if prompt_format not in ("auto", "chat", "transcript"):
-            raise UserError(f"data.prompt_format={prompt_format!r}: must be auto, chat or transcript")
+        check_loader_settings(batch_size, num_workers, prompt_format)
         check_positive(max_prompt_tokens, "data.max_prompt_tokens")
         check_positive(max_prompts, "data.max_prompts", allow_none=True)
-        check_positive(num_workers + 1, "data.num_workers + 1")
         if hold_out_last < 0:
             raise UserError(f"data.hold_out_last={hold_out_last}: must be 0 or more")
         self.save_hyperparameters()

@@ -8,12 +8,12 @@ long jobs can be resumed by id. Three prompt forms are understood:
 - an hh-rlhf transcript (``"\n\nHuman: ...\n\nAssistant: ..."``): the prompt is the first human turn, i.e. the text
   between the first ``Human:`` and the next ``"\n\nAssistant:"``.
 
+The files, folders and hub datasets are read by ``data.sources.load_any_dataset``, the loader of every stage's data.
 Problems with the data are reported as one :class:`PromptDataError` with a one-line message naming the file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -24,7 +24,7 @@ from typing import Any
 
 import datasets
 
-from models.errors import UserError
+from data.sources import DataError, is_hub_name, load_any_dataset
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,11 @@ CHARS_PER_TOKEN_CAP = 32
 """With a token limit, prompts longer than ``max_tokens * CHARS_PER_TOKEN_CAP`` characters are skipped without being
 tokenized (no tokenizer makes tokens that long on average), so counting the tokens of a prompt is bounded too."""
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _STRING = datasets.Value("string")
 
 
-class PromptDataError(UserError):
-    """A prompt source is missing or malformed. The message is one line naming the file."""
+PromptDataError = DataError
+"""A prompt source is missing or malformed (``data.sources.DataError``, the error of every data loader)."""
 
 
 @dataclass
@@ -100,11 +99,12 @@ def load_prompts_with_stats(
     """Load prompts and report how many rows were kept and skipped.
 
     Args:
-        source: A built-in set name (:data:`BUILTIN_SETS`), a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, or a
-            directory written by ``save_to_disk``.
+        source: A built-in set name (:data:`BUILTIN_SETS`), or what ``data.sources.load_any_dataset`` reads: a
+            ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory written by ``save_to_disk``, or a hub
+            dataset (``owner/name[/data_dir]``).
         prompt_column: Column holding the prompt. If the default ``"prompt"`` is absent, a ``messages`` column (chat
             form) or a ``chosen`` column (hh-rlhf transcripts) is used instead, as ``format`` allows.
-        split: Split to take when ``source`` is a saved ``DatasetDict``.
+        split: Split to take when ``source`` is a saved ``DatasetDict`` or a hub dataset.
         id_column: Column holding unique ids; without it ids are ``f"{stem}-{row:06d}"`` (row counted from 0).
         max_prompts: Keep at most this many prompts (the first ones in file order).
         format: One of :data:`FORMATS`.
@@ -131,8 +131,6 @@ def load_prompts_with_stats(
         raise ValueError("load_prompts_with_stats: max_tokens needs the tokenizer that counts them")
     hard_chars = HARD_MAX_CHARS if max_tokens is None else max_tokens * CHARS_PER_TOKEN_CAP
     table, label, stem = _open(source, split, cache_dir)
-    if len(table) == 0:
-        raise PromptDataError(f"{label}: no rows (an empty file or dataset)")
     columns = table.column_names
     column = _prompt_column(columns, prompt_column, format, label)
     if format == "auto" and column == "chosen" and prompt_column != "chosen":
@@ -288,119 +286,11 @@ def _open(source: str | Path, split: str, cache_dir: str | Path | None) -> tuple
     """Return the source as a dataset, with its label (for messages and the source column) and stem (for ids)."""
     if isinstance(source, str) and source in BUILTIN_SETS:
         with resources.as_file(resources.files("data").joinpath("builtin", f"{source}.jsonl")) as path:
-            return _load_file(path, cache_dir), source, source
+            return load_any_dataset(path, what=None, cache_dir=cache_dir), source, source
     path = Path(source)
-    if not path.exists() and isinstance(source, str) and not path.suffix and len(path.parts) >= 2:
-        return _load_hub(source, split, cache_dir), source, path.parts[1]
-    if not path.exists():
-        if isinstance(source, str) and not path.suffix and len(path.parts) == 1:
-            raise PromptDataError(f"unknown built-in prompt set {source!r}; built-in sets: {', '.join(BUILTIN_SETS)}")
-        raise PromptDataError(f"{path}: no such file or directory")
-    if path.is_dir():
-        return load_folder(path, split), path.name, path.name
-    return _load_file(path, cache_dir), path.name, path.stem
-
-
-def load_folder(path: str | Path, split: str = "train") -> datasets.Dataset:
-    """A ``datasets`` folder written by ``save_to_disk`` (split ``split`` of a ``DatasetDict``).
-
-    Raises:
-        PromptDataError: not such a folder, unreadable, no such split, or no rows (one line naming the folder).
-    """
-    path = Path(path)
-    state = path / "state.json"
-    if state.is_file():  # a 0-row dataset is saved with no data file, which load_from_disk cannot read back
-        try:
-            files = json.loads(state.read_text(encoding="utf-8")).get("_data_files")
-        except (OSError, ValueError):
-            files = None
-        if files == []:
-            raise PromptDataError(f"{path}: no rows (an empty dataset)")
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise PromptDataError(f"{path}: not a dataset directory written by save_to_disk") from None
-    except Exception as err:  # a damaged folder: arrow, JSON or index errors
-        raise PromptDataError(f"{path}: cannot load dataset folder: {' '.join(str(err).split())[:300]}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise PromptDataError(f"{path.name}: no split {split!r}; splits are: {', '.join(loaded)}")
-        loaded = loaded[split]
-    return loaded
-
-
-def _load_hub(source: str, split: str, cache_dir: str | Path | None) -> datasets.Dataset:
-    """A hub dataset named ``owner/name`` or ``owner/name/data_dir`` (e.g. ``Anthropic/hh-rlhf/red-team-attempts``)."""
-    parts = source.split("/")
-    repo, data_dir = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    try:
-        return datasets.load_dataset(
-            repo, data_dir=data_dir, split=split, cache_dir=None if cache_dir is None else str(cache_dir)
-        )
-    except Exception as err:  # offline, unknown repo, missing split: all the user's to fix
-        raise PromptDataError(f"{source}: cannot load hub dataset: {' '.join(str(err).split())[:300]}") from None
-
-
-def _load_file(path: Path, cache_dir: str | Path | None) -> datasets.Dataset:
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise PromptDataError(f"{path.name}: unsupported file type; expected one of: {', '.join(_BUILDERS)}")
-    if builder in ("json", "csv"):  # pyarrow reads bad bytes into the table and fails only when a row is read
-        where = _not_utf8(path)
-        if where:
-            raise PromptDataError(where)
-    try:
-        cache = None if cache_dir is None else str(cache_dir)
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
-    except Exception as err:  # datasets wraps parser failures in several exception types
-        raise PromptDataError(_diagnose(path, err)) from None
-
-
-def _diagnose(path: Path, err: Exception) -> str:
-    """Describe why ``datasets`` could not read ``path``, naming the bad line of a JSON file where possible."""
-    if path.suffix.lower() in (".json", ".jsonl", ".csv"):
-        where = _not_utf8(path)
-        if where:
-            return where
-    if path.suffix.lower() in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            return f"{path.name}: the file is empty (no rows)"
-        try:
-            json.loads(text)
-            return f"{path.name}: cannot load JSON: the file must hold a list of objects or one object per line"
-        except json.JSONDecodeError as whole:
-            lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-            if not _is_json_object(lines[0][1]):  # one multi-line document rather than JSON Lines
-                return f"{path.name}: line {whole.lineno}: invalid JSON: {whole.msg}"
-        for number, line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as bad:
-                return f"{path.name}: line {number}: invalid JSON: {bad.msg}"
-            if not isinstance(row, dict):
-                return f"{path.name}: line {number}: expected a JSON object, got {type(row).__name__}"
-    cause = err.__cause__ or err
-    return f"{path.name}: cannot load {path.suffix.lstrip('.')} file: {' '.join(str(cause).split())[:300]}"
-
-
-def _not_utf8(path: Path) -> str | None:
-    """A one-line message naming the first line of ``path`` that is not UTF-8, or None when all of it is.
-
-    Read line by line, so a large file is never held whole in memory.
-    """
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                byte = line[err.start]
-                return f"{path.name}: line {number}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8"
-    return None
-
-
-def _is_json_object(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
+    if isinstance(source, str) and not path.exists() and not path.suffix and len(path.parts) == 1:
+        raise PromptDataError(f"unknown built-in prompt set {source!r}; built-in sets: {', '.join(BUILTIN_SETS)}")
+    table = load_any_dataset(source, split, what=None, cache_dir=cache_dir)
+    if is_hub_name(source):
+        return table, str(source), path.parts[1]
+    return table, path.name, path.name if path.is_dir() else path.stem

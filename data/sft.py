@@ -15,56 +15,18 @@ Two batching modes:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import datasets
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from data.base import SplitDataModule, check_split_settings
 from data.formats import PromptFormat
-from data.prompts import _load_file, load_folder
+from data.sources import load_any_dataset
 from models import load_tokenizer
 from models.errors import UserError
+from models.padding import pad_rows
 
 IGNORE_INDEX = -100
-
-
-def load_any_dataset(path: str, split: str = "train", what: str = "data") -> datasets.Dataset:
-    """Load a ``datasets`` directory, a JSONL/JSON/Parquet/CSV file, or a hub dataset name (``owner/name``).
-
-    Every problem is a one-line :class:`UserError` naming the path: missing, not a dataset folder, unreadable or
-    malformed (the line of a JSON file), no such split, or no rows. ``what`` names the setting in the message.
-    """
-    p = Path(path)
-    if p.is_dir():
-        ds = load_folder(p, split)
-    elif p.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
-        if not p.exists():
-            raise UserError(f"{what}: {p}: no such file{_how_to_make(p)}")
-        ds = _load_file(p, None)
-    elif p.exists():
-        raise UserError(f"{what}: {p}: unsupported file type; expected a datasets folder or .jsonl/.json/.parquet/.csv")
-    elif p.parts[:1] == ("runs",) or str(path).startswith((".", "/", "~")) or len(p.parts) != 2:
-        raise UserError(f"{what}: {p}: no such file or folder{_how_to_make(p)}")
-    else:
-        try:
-            ds = datasets.load_dataset(path, split=split)
-        except Exception as err:  # offline, unknown repo, missing split: all the user's to fix
-            raise UserError(f"{what}: {path}: cannot load hub dataset: {' '.join(str(err).split())[:300]}") from None
-    if len(ds) == 0:
-        raise UserError(f"{what}: {p}: no rows (an empty file or dataset)")
-    return ds
-
-
-def _how_to_make(p: Path) -> str:
-    """A hint naming the stage that writes a missing default input (``runs/.../sl_data/sft``, ``label/pairs``)."""
-    parts = p.parts
-    if len(parts) >= 2 and parts[-2:] == ("sl_data", "sft"):
-        return " (the output of cai sl-data: run it first, or cai pipeline)"
-    if len(parts) >= 2 and parts[-2:] == ("label", "pairs"):
-        return " (the output of cai label: run it first, or cai pipeline)"
-    return ""
 
 
 def tokenize_example(
@@ -127,13 +89,8 @@ class SFTCollator:
                 "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([pos]),
             }  # each (1, sum of lengths)
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), self.pad_token_id)  # (B, T)
-        labels = torch.full((len(examples), width), IGNORE_INDEX)  # (B, T)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        ids, mask = pad_rows([e["input_ids"] for e in examples], self.pad_token_id)  # (B, T) each
+        labels, _ = pad_rows([e["labels"] for e in examples], IGNORE_INDEX)  # (B, T)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

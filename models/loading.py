@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -335,3 +336,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map every text to the same ids and lay out chats the same way.
+
+    Compares what does the mapping: a fast tokenizer's whole definition (vocabulary, merges, normalizer,
+    pre-tokenizer, added and special tokens; its padding and truncation settings aside), the special tokens and the
+    chat template. Slow (Python) tokenizers are never taken as the same.
+    """
+
+    def definition(tok) -> dict | None:
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None), spec.pop("truncation", None)  # how batches are padded, not how text maps to ids
+        return {**spec, "special": tok.special_tokens_map, "chat_template": tok.chat_template}
+
+    first = definition(a)
+    return first is not None and first == definition(b)

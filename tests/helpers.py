@@ -110,3 +110,71 @@ class GradDump(L.Callback):
             grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
             loss = trainer.callback_metrics.get("loss/train")
             torch.save({"grads": grads, "loss": None if loss is None else float(loss)}, self.path)
+
+
+class FirstStepDump(L.Callback):
+    """Saves the first optimizer step's loss and full gradients to ``path``, under any strategy.
+
+    Unlike ``GradDump`` it gathers FSDP2's gradient shards (DTensors) into full tensors, stores gradients in float32
+    on CPU, and saves the loss averaged over ranks (the global batch's mean when the ranks hold equal batches).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        if trainer.global_step != 0:
+            return
+        grads = {}
+        for name, p in pl_module.named_parameters():
+            if p.grad is not None:
+                g = p.grad.detach()
+                grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).float().cpu().clone()  # collective
+        loss = trainer.callback_metrics["loss/train"].detach().float().clone()
+        loss = float(trainer.strategy.reduce(loss, reduce_op="mean"))
+        if trainer.is_global_zero:
+            torch.save({"grads": grads, "loss": loss, "world_size": trainer.world_size}, self.path)
+
+
+class FirstRolloutKL(L.Callback):
+    """PPO: writes ``<path>.<rank>`` (JSON): the largest |log π - log π_ref| over the first rollout's response tokens.
+
+    At the first rollout the policy is the reference, so under every strategy and precision the difference must be
+    exactly 0. The callback wraps the module's ``rollout`` to see its log-probabilities.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module):
+        import json
+
+        rollout, state = pl_module.rollout, {"done": False}
+
+        def recorded(prompts):
+            out = rollout(prompts)
+            if not state["done"]:
+                diff = ((out["logp"] - out["ref_logp"]).abs() * out["r_mask"]).max().item()
+                record = {"max_abs_diff": diff, "tokens": int(out["r_mask"].sum()), "dtype": str(out["logp"].dtype)}
+                with open(f"{self.path}.{trainer.global_rank}", "w") as f:
+                    json.dump(record, f)
+                state["done"] = True
+            return out
+
+        pl_module.rollout = recorded
+
+
+class BatchLog(L.Callback):
+    """Appends, per rank, each training batch's ``input_ids`` with its optimizer step to ``<path>.<rank>`` (JSONL)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import json
+
+        with open(f"{self.path}.{trainer.global_rank}", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step + 1, "input_ids": batch["input_ids"].tolist()}) + "\n")

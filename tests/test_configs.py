@@ -17,7 +17,7 @@ def test_config_parses(path, capsys):
         assert "trainer" in yaml.safe_load(path.read_text())
         return
     name = stage.replace("_", "-")
-    args = [name, "fit"] if stage in ("sft", "pm", "ppo") else [name]
+    args = [name, "fit"] if stage in ("sft", "pm", "ppo", "dpo") else [name]
     with pytest.raises(SystemExit) as done:
         main([*args, "--config", str(path), "--print_config"])
     assert done.value.code in (0, None), capsys.readouterr().err[-2000:]

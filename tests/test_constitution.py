@@ -5,13 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai.method.constitution import (
-    PAPER_FILES,
-    Constitution,
-    ConstitutionError,
-    load_constitution,
-    load_paper_constitution,
-)
+from cai.method.constitution import PAPER_FILES, Constitution, ConstitutionError, load_constitution
+from cai.method.constitution_files import load_paper_constitution
 from data.formats import frame_critique_request, frame_feedback_principle, frame_revision_request
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "shared" / "anthropic-cai" / "prompts"

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import cai.stages.eval_feedback as ef
+import cai.method.choice_eval as choice_eval
 from cai.stages.eval_feedback import EvalDataError, evaluate, read_evals, summarize, swap_options
 from cai.stages.eval_feedback import run as eval_feedback
 from helpers import slow_logprob
@@ -143,7 +143,7 @@ def test_metrics_equal_the_one_sequence_per_option_path(tiny_model_dir, tmp_path
     new = eval_feedback(model=ModelConfig(str(tiny_model_dir)), evals=str(evals), out=str(tmp_path / "new"))
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "ECE" in printed and "position bias" in printed
-    monkeypatch.setattr(ef, "choice_logprobs", one_sequence_per_option)
+    monkeypatch.setattr(choice_eval, "choice_logprobs", one_sequence_per_option)
     old = eval_feedback(model=ModelConfig(str(tiny_model_dir)), evals=str(evals), out=str(tmp_path / "old"))
     assert new.keys() == old.keys()
     for key in new:

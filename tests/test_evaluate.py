@@ -6,7 +6,8 @@ import pytest
 
 import cai.stages.evaluate as evaluate
 from cai.method.constitution import load_constitution
-from cai.method.elo import ELO_SCALE, bootstrap_elo, fit_elo, win_probability, win_rates
+from cai.method.elo import ELO_SCALE, bootstrap_elo, elo_table, fit_elo, head_to_head, win_probability, win_rates
+from cai.method.feedback import FeedbackScorer
 from cai.method.generation import SamplingConfig
 from models import ModelConfig, load_tokenizer
 from models.heads import PreferenceModel
@@ -62,6 +63,70 @@ def test_bootstrap_spread():
     assert bootstrap_elo(2, same, 30) == pytest.approx([0.0, 0.0], abs=1e-6)
     mixed = [[(0, 1, 0.9)], [(0, 1, 0.2)]] * 3
     assert bootstrap_elo(2, mixed, 30)[1] > 10
+
+
+def test_the_one_elo_table_with_and_without_pm_scores():
+    sets = {
+        "red_team": {
+            "axis": "harmlessness",
+            "elo": {"base": 0.0, "rl-cai": 123.4},
+            "elo_std": {"base": 0.0, "rl-cai": 9.6},
+            "pm_scores": {"base": {"mean": 0.25, "std": 0.5}, "rl-cai": {"mean": 1.0, "std": 0.125}},
+        },
+        "helpful": {
+            "axis": "helpfulness",
+            "elo": {"base": 0.0, "rl-cai": -50.2},
+            "elo_std": {"base": 0.0, "rl-cai": 3.0},
+        },
+    }
+    results = {"labels": ["base", "rl-cai"], "sets": sets}
+    plain = elo_table(results).splitlines()
+    assert plain[:4] == [
+        "| model | Elo harmlessness | Elo helpfulness |",
+        "|---|---|---|",
+        "| base | 0 ± 0 | 0 ± 0 |",
+        "| rl-cai | 123 ± 10 | -50 ± 3 |",
+    ]
+    assert plain[-1] == "Elo relative to base (0); +200 Elo is a 76% win rate."
+    pm = elo_table(results, pm_scores=True).splitlines()
+    assert pm[0] == "| model | PM score (red_team) | PM score (helpful) | Elo harmlessness | Elo helpfulness |"
+    assert pm[3] == "| rl-cai | 1.000 ± 0.125 | - | 123 ± 10 | -50 ± 3 |"  # helpful: no preference model scores
+
+
+def test_head_to_head_of_two_models():
+    def prompt_set(axis, elo, pm):
+        rates = {"a": {"b": 0.625}, "b": {"a": 0.375}}
+        return {"axis": axis, "elo": elo, "win_rate": rates, "hard_win_rate": rates, "pm_scores": pm}
+
+    sets = {
+        "red_team": prompt_set("harmlessness", {"a": 88.9, "b": 0.0}, {"a": {"mean": 0.5}, "b": {"mean": -0.25}}),
+        "helpful": prompt_set("helpfulness", {"a": -0.3, "b": 0.0}, None),  # no preference model
+    }
+    assert head_to_head({"labels": ["a", "b"], "sets": sets}, "a", "b") == [
+        "- harmlessness (red_team): P(a's answer better than b's) 0.62 (hard 0.62), Elo difference +89, "
+        "PM score 0.500 vs -0.250.",
+        "- helpfulness (helpful): P(a's answer better than b's) 0.62 (hard 0.62), Elo difference +0.",  # not -0
+    ]
+
+
+def test_eval_settings_are_run_s_arguments_and_are_checked():
+    import dataclasses
+    import inspect
+
+    from models.errors import UserError
+
+    fields = [f.name for f in dataclasses.fields(evaluate.EvalSettings)]
+    assert fields == list(inspect.signature(evaluate.run).parameters)  # run builds them positionally, in this order
+    s = evaluate.EvalSettings(models={"a": "x", "b": "y"}, helpful=None, sampling=SamplingConfig(num_samples=3))
+    assert s.feedback_model == "x" and s.sampling.num_samples == 1 and s.sources == {"red_team": "red_team"}
+    for kwargs, message in (
+        ({"models": None}, "models is required"),
+        ({"red_team": None, "helpful": None}, "give red_team or helpful"),
+        ({"num_prompts": 0}, "num_prompts=0"),
+        ({"bootstrap": -1}, "bootstrap=-1"),
+    ):
+        with pytest.raises(UserError, match=message):
+            evaluate.EvalSettings(**({"models": {"a": "x"}} | kwargs))
 
 
 def test_principles_by_id_text_or_default():
@@ -153,7 +218,7 @@ def test_eval_end_to_end(eval_models, tmp_path, monkeypatch, capfd):
         raise AssertionError("nothing should be generated or judged on resume")
 
     monkeypatch.setattr(evaluate.Generator, "generate", boom)
-    monkeypatch.setattr(evaluate.FeedbackScorer, "score", boom)
+    monkeypatch.setattr(FeedbackScorer, "score", boom)
     again = eval_run(models, pm, tmp_path)
     assert again["sets"]["red_team"]["win_rate"] == res["sets"]["red_team"]["win_rate"]
     # A different model under a label already evaluated is refused rather than mixed in.

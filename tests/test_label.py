@@ -11,9 +11,9 @@ import cai.method.feedback as feedback_mod
 from cai.method.constitution import load_constitution
 from cai.method.feedback import FeedbackConfig, FeedbackScorer
 from cai.method.generation import Generation, SamplingConfig
-from cai.stages.label import aggregate
+from cai.method.prompt_mix import PromptSources
+from cai.stages.label import LabelSettings, aggregate
 from cai.stages.label import run as label
-from cai.stages.sl_data import PromptSources
 from data.formats import OPTIONS, cot_question, feedback_question
 from helpers import kill_after_lines, slow_logprob
 from models import ModelConfig
@@ -115,6 +115,26 @@ def test_ensemble_aggregation():
 
 
 @pytest.mark.slow
+def test_label_settings_are_run_s_arguments_and_are_checked():
+    import dataclasses
+    import inspect
+
+    from models.errors import UserError
+
+    fields = [f.name for f in dataclasses.fields(LabelSettings)]
+    assert fields == list(inspect.signature(label).parameters)  # run builds them positionally, in this order
+    s = LabelSettings(policy=ModelConfig("m"))
+    assert s.prompts == PromptSources(helpful=None) and s.sampling == SamplingConfig() and s.feedback.num_principles
+    for kwargs, message in (
+        ({"policy": None}, "policy.name_or_path is required"),
+        ({"chunk_size": 0}, "chunk_size=0"),
+        ({"ensemble": "median"}, "ensemble='median'"),
+        ({"sampling": SamplingConfig(prompt_format="raw")}, "sampling.prompt_format must be auto, chat or transcript"),
+    ):
+        with pytest.raises(UserError, match=message):
+            LabelSettings(**({"policy": ModelConfig("m")} | kwargs))
+
+
 def test_label_resumes_after_kill(tiny_model_dir, tmp_path):
     cfg = {
         "out": str(tmp_path / "lab"),

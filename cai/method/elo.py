@@ -9,7 +9,8 @@ Here the comparisons are soft: each is P(model i's response is better than model
 scores are the maximum-likelihood fit of a Bradley-Terry model, P(i beats j) = σ(r_i - r_j), to those soft outcomes,
 i.e. they maximise Σ p log σ(r_i - r_j) + (1 - p) log σ(r_j - r_i). Natural units are converted to Elo by
 400 / ln 10, and the anchor model (the first by default) is set to 0. A tiny ridge term keeps the fit finite when a
-model wins every comparison outright.
+model wins every comparison outright. ``elo_table`` renders an evaluation's scores as the Markdown table that both
+``cai eval`` and ``cai report`` show.
 """
 
 from __future__ import annotations
@@ -146,3 +147,52 @@ def win_rates(n_models: int, comparisons: Sequence[Comparison]) -> tuple[list[li
     mean = [[sum(c) / len(c) if c else None for c in row] for row in soft]
     hard_mean = [[sum(map(hard, c)) / len(c) if c else None for c in row] for row in soft]
     return mean, hard_mean
+
+
+def elo_table(results: dict, pm_scores: bool = False) -> str:
+    """The Elo table of an evaluation (``cai eval``'s ``eval.json``), the one that ``cai eval`` and ``cai report`` show.
+
+    Args:
+        results: ``{"labels": [...], "sets": {name: {"axis", "elo", "elo_std", "pm_scores"}}}``.
+        pm_scores: Put the preference model's mean ± std score per prompt set in front of the Elo columns (``-``
+            where no preference model scored the responses).
+
+    Returns:
+        Markdown: one row per model, its Elo per axis ± bootstrap std (rounded), then a line naming the anchor.
+    """
+    sets, labels = results["sets"], results["labels"]
+    head = ["model"] + ([f"PM score ({n})" for n in sets] if pm_scores else [])
+    head += [f"Elo {s['axis']}" for s in sets.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in labels:
+        cells = [m]
+        if pm_scores:
+            cells += [
+                f"{s['pm_scores'][m]['mean']:.3f} ± {s['pm_scores'][m]['std']:.3f}" if s.get("pm_scores") else "-"
+                for s in sets.values()
+            ]
+        cells += [f"{round(s['elo'][m])} ± {round(s['elo_std'][m])}" for s in sets.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nElo relative to {labels[0]} (0); +200 Elo is a 76% win rate."
+
+
+def head_to_head(results: dict, a: str, b: str) -> list[str]:
+    """Model ``a`` against model ``b`` in an evaluation (``eval.json``), one Markdown list item per prompt set.
+
+    Each gives the soft and hard win rate of ``a`` over ``b``, their Elo difference and, when the preference model
+    scored the answers, both models' mean PM scores.
+    """
+
+    def num(x: float | None, digits: int) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    lines = []
+    for name, s in results["sets"].items():
+        elo = round(s["elo"][a] - s["elo"][b])  # an int: no "-0"
+        pm = s.get("pm_scores")
+        scores = f", PM score {num(pm[a]['mean'], 3)} vs {num(pm[b]['mean'], 3)}" if pm else ""
+        lines.append(
+            f"- {s['axis']} ({name}): P({a}'s answer better than {b}'s) {num(s['win_rate'][a][b], 2)} "
+            f"(hard {num(s['hard_win_rate'][a][b], 2)}), Elo difference {elo:+d}{scores}."
+        )
+    return lines

@@ -13,20 +13,21 @@ import sys
 import time
 from pathlib import Path
 
-from cai.plotting import pyplot
+from cai.method.elo import elo_table, head_to_head
+from cai.method.figures import KNOWN_TAGS, plot_curves, plot_label_histogram, read_scalars
+from cai.stages.report_files import _safe, cell, finals, fmt, last, read_json, read_jsonl, read_yaml
 
-STAGES = {"sft": "SFT (SL-CAI model)", "pm": "Preference model", "ppo": "PPO (RL-CAI model)"}
+STAGES = {
+    "sft": "SFT (SL-CAI model)",
+    "pm": "Preference model",
+    "ppo": "PPO (RL-CAI model)",
+    "dpo": "DPO (RL-CAI model by DPO)",
+}
 """Training stage folder -> title; each holds TensorBoard event files somewhere below it."""
-KNOWN_TAGS = tuple(
-    "loss/train val/loss val/perplexity train/accuracy val/accuracy val/calibration_error val/margin objective/scores "
-    "objective/kl objective/rlhf_reward objective/entropy objective/kl_coef loss/policy loss/value policy/approxkl "
-    "policy/clipfrac value/explained_variance value/clipfrac response/length".split()
-)
-"""Scalar tags plotted first, in this order; other tags follow (up to ``MAX_PANELS``)."""
+RL_STAGES = {"ppo": ("pm", "ppo"), "dpo": ("dpo",), "both": ("pm", "ppo", "dpo")}
+"""The pipeline's ``rl`` setting -> the training stages it runs after SFT."""
 RENAMED_TAGS = {"ppo": {"val/clipfrac": "value/clipfrac", "val/explained_variance": "value/explained_variance"}}
 """Stage -> {old tag: new tag}: PPO's value-head metrics were logged under ``val/`` before, which means validation."""
-SKIPPED_TAGS = ("epoch", "hp_metric")
-MAX_PANELS = 18
 SECTION_TITLES = {
     "summary": "How the run went",
     "curves": "Training curves",
@@ -39,125 +40,17 @@ NUM_SAMPLES = 3
 """Held-out prompts shown per prompt set, every evaluated model's answer side by side."""
 NUM_CRITIQUE_SAMPLES = 2
 """SL-CAI records shown with their critiques and revisions."""
-MODEL_ORDER = ("base", "sl-cai", "rl-cai")
+MODEL_ORDER = ("base", "sl-cai", "rl-cai", "rl-cai-dpo")
 """Evaluated models in this order first (the method's order), any others after."""
-CELL_CHARS = 600
+MODELS_EXPLAINED = {
+    "base": "the model being aligned",
+    "sl-cai": "SFT on the critiqued and revised answers",
+    "rl-cai": "RL-CAI by PPO against the preference model",
+    "rl-cai-dpo": "RL-CAI by DPO on the AI labels",
+}
+"""The pipeline's model labels, explained in front of the evaluation."""
 NEAR_CHANCE = 0.05
 """A prompt set whose soft win rates all lie within this of 0.5 gets a note: its Elo and hard rates say little."""
-
-
-def read_scalars(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in the event files below ``stage_dir``, as sorted (step, value) lists.
-
-    Event files of a resumed run overlap; for a step logged twice the later file's value is kept.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    series: dict[str, dict[int, float]] = {}
-    files = sorted(stage_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
-    for f in files:
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})  # 0: keep every point
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            if tag not in SKIPPED_TAGS:
-                series.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return {tag: sorted(points.items()) for tag, points in series.items()}
-
-
-def last(scalars: dict, tag: str) -> float | None:
-    """The value at the last step of ``tag``; None when the tag is absent."""
-    return scalars[tag][-1][1] if scalars.get(tag) else None
-
-
-def finals(scalars: dict, *tags: str) -> str:
-    """'final tag value, tag value' for the given tags."""
-    return "final " + ", ".join(f"{t} {fmt(last(scalars, t))}" for t in tags)
-
-
-def plot_curves(scalars: dict, title: str, path: Path) -> Path:
-    """One subplot per scalar tag (known tags first), saved as a PNG."""
-    tags = [t for t in KNOWN_TAGS if t in scalars] + sorted(t for t in scalars if t not in KNOWN_TAGS)
-    tags = tags[:MAX_PANELS]
-    cols = min(3, len(tags))
-    rows = -(-len(tags) // cols)
-    plt = pyplot()
-    # The constrained layout keeps room for the suptitle; tight_layout let it run into the first row's titles.
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, layout="constrained")
-    for ax, tag in zip(axes.flat, tags):
-        steps, values = zip(*scalars[tag])
-        ax.plot(steps, values, marker="o" if len(steps) < 20 else None, ms=3)
-        ax.set_title(tag, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tags) :]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_label_histogram(records: list[dict], path: Path) -> Path:
-    """Histograms of the AI labels: P(response_a better) and P(chosen better)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
-    for ax, key, bins, note in (
-        (axes[0], "p_a", [i / 20 for i in range(21)], "P(response A better); 0.5: no preference"),
-        (axes[1], "p_chosen", [0.5 + i / 40 for i in range(21)], "P(chosen better) = max(p_a, 1 - p_a)"),
-    ):
-        values = [r[key] for r in records]
-        ax.hist(values, bins=bins, edgecolor="k", alpha=0.75)
-        ax.axvline(sum(values) / len(values), color="C3", lw=1.5, label=f"mean {sum(values) / len(values):.3f}")
-        ax.set(xlabel=key, ylabel="pairs", title=note)
-        ax.title.set_fontsize(9)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"AI feedback labels ({len(records)} pairs)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file (empty when the file is absent; a cut last line is ignored)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it is absent."""
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _safe(fn, path: Path, default):
-    """``fn(path)``, or ``default`` (with a warning) when the file cannot be read."""
-    try:
-        return fn(path)
-    except Exception as e:  # a damaged log must not stop the report
-        print(f"report: cannot read {path}: {e!r}", file=sys.stderr)
-        return default
-
-
-def cell(text: str | None, limit: int = CELL_CHARS) -> str:
-    """Text made safe for a Markdown table cell: pipes escaped, newlines as <br>, long text cut."""
-    text = (text or "").strip()
-    if len(text) > limit:
-        text = text[:limit].rstrip() + " …"
-    text = "".join(c if c.isprintable() or c == "\n" else " " for c in text)  # tabs, control bytes of tiny models
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-    return text.replace("\n", "<br>") or "*(empty)*"
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
-    """A number for the report; '-' for None."""
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 class Report:
@@ -175,6 +68,18 @@ class Report:
         for stage, renames in RENAMED_TAGS.items():  # runs logged before a rename plot under the new names
             self.scalars[stage] = {renames.get(t, t): v for t, v in self.scalars[stage].items()}
         self.eval = _safe(read_json, self.run / "eval" / "eval.json", None)
+        self.stages = self._stages_of_run()
+
+    def _stages_of_run(self) -> list[str]:
+        """The training stages this run has or was set to run (``rl`` in ``pipeline.yaml``), in the method's order.
+
+        SFT, the preference model and PPO are listed unless the run is a DPO-only one (``rl: dpo``); DPO when the
+        run's ``rl`` asks for it or its folder exists. A run folder without ``pipeline.yaml`` lists the first three.
+        """
+        settings = _safe(read_yaml, self.run / "pipeline.yaml", None)
+        rl = settings.get("rl") if isinstance(settings, dict) else None
+        wanted = {"sft", *RL_STAGES.get(rl, RL_STAGES["ppo"])}
+        return [s for s in STAGES if s in wanted or (self.run / s).is_dir()]
 
     def image(self, path: Path, alt: str) -> str:
         """Markdown for a figure in ``report/`` (copied there when it lives elsewhere in the run)."""
@@ -190,7 +95,7 @@ class Report:
         lab = read_json(self.run / "label" / "summary.json")
         base = (read_json(self.run / "pipeline_summary.json") or {}).get("models", {}).get("base")
         base = base or ("base_model/" if (self.run / "base_model" / "config.json").exists() else None)
-        sft, pm, ppo = (self.scalars[s] for s in STAGES)
+        sft, pm, ppo, dpo = (self.scalars[s] for s in STAGES)
         results = {
             "base model": base and f"`{base}`",
             "SL-CAI data": sl
@@ -201,8 +106,11 @@ class Report:
             f"{lab['cot_fallbacks']} chain-of-thought fallbacks",
             "preference model": pm and finals(pm, "val/loss", "val/accuracy"),
             "PPO": ppo and finals(ppo, "objective/scores", "objective/kl"),
+            "DPO": dpo and finals(dpo, "loss/dpo", "rewards/margin", "rewards/accuracy"),
             "evaluation": self.eval and ", ".join(self.eval["labels"]) + " compared",
         }
+        not_in_run = {"preference model": "pm", "PPO": "ppo", "DPO": "dpo"}
+        results = {k: v for k, v in results.items() if not_in_run.get(k, "sft") in self.stages}
         lines = ["| stage | status | result |", "|---|---|---|"]
         lines += [f"| {k} | {'done' if v else 'not run'} | {cell(v) if v else ''} |" for k, v in results.items()]
         if self.eval:
@@ -212,7 +120,8 @@ class Report:
     def curves(self) -> list[str]:
         """Training curves of every stage from its TensorBoard logs."""
         lines: list[str] = []
-        for stage, title in STAGES.items():
+        for stage in self.stages:
+            title = STAGES[stage]
             lines += [f"### {title}", ""]
             scalars = self.scalars[stage]
             if not scalars:
@@ -259,10 +168,17 @@ class Report:
         """Win rates, Elo and preference-model scores from ``eval/eval.json``."""
         if self.eval is None:
             return ["Not run: no `eval/eval.json`.", ""]
+        labels = self.eval["labels"]
         lines: list[str] = [WIN_RATES_EXPLAINED, ""]
+        if known := [m for m in labels if m in MODELS_EXPLAINED]:
+            lines += ["Models: " + "; ".join(f"`{m}`, {MODELS_EXPLAINED[m]}" for m in known) + ".", ""]
         if (self.run / "eval" / "winrates.png").exists():
             lines += [self.image(self.run / "eval" / "winrates.png", "win rates and Elo"), ""]
-        labels = self.eval["labels"]
+        if not any(s.get("pm_scores") for s in self.eval["sets"].values()):
+            lines += ["No preference-model scores: the evaluation had no preference model (`rl: dpo` trains none).", ""]
+        if {"rl-cai", "rl-cai-dpo"} <= set(labels):
+            lines += ["**RL-CAI by DPO against RL-CAI by PPO** (`rl-cai-dpo` vs `rl-cai`):", ""]
+            lines += head_to_head(self.eval, "rl-cai-dpo", "rl-cai") + [""]
         for name, s in self.eval["sets"].items():
             lines += [
                 f"### {s['axis'].capitalize()} ({name}, {s['prompts']} prompts)",
@@ -328,6 +244,8 @@ class Report:
     def _eval_samples(self, responses: list[dict]) -> list[str]:
         """``NUM_SAMPLES`` held-out prompts per prompt set: each model's answer and the feedback model's verdict."""
         present = list(dict.fromkeys(r["label"] for r in responses))
+        if self.eval:  # the models of the evaluation (answers of a model it no longer compares stay in the file)
+            present = [m for m in present if m in self.eval["labels"]]
         labels = [m for m in MODEL_ORDER if m in present] + [m for m in present if m not in MODEL_ORDER]
         anchor = (self.eval or {}).get("labels", labels)[0]
         verdict: dict[tuple, float] = {}  # (set, id, model) -> P(model's answer better than the anchor's)
@@ -412,16 +330,6 @@ def details(summary: str, lang: str, text: str) -> list[str]:
     """A collapsed ``<details>`` block holding ``text`` as a fenced code block."""
     body = text.rstrip().replace("```", "ʼʼʼ")  # a fence inside the text would end the block
     return [f"<details><summary>{summary}</summary>", "", f"```{lang}", body, "```", "", "</details>", ""]
-
-
-def elo_table(results: dict) -> str:
-    """Elo per model and axis (± bootstrap std) from an ``eval.json``."""
-    sets = list(results["sets"].values())
-    lines = ["| model | " + " | ".join(f"Elo {s['axis']}" for s in sets) + " |", "|---|" + "---|" * len(sets)]
-    for m in results["labels"]:
-        elo = [f"{round(s['elo'][m])} ± {round(s['elo_std'][m])}" for s in sets]
-        lines.append(f"| {m} | " + " | ".join(elo) + " |")
-    return "\n".join(lines) + f"\n\nElo relative to {results['labels'][0]} (0); +200 Elo is a 76% win rate."
 
 
 def write_report(run_dir: str | Path) -> Path:
