@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval-feedback": ("cai.stages.eval_feedback:run", "fn", "accuracy and calibration of a feedback model"),
     "pm": ("cai.stages.pm:cli_main", "argv", "RL-CAI: preference model (LightningCLI: cai pm fit ...)"),
     "ppo": ("cai.stages.ppo:cli_main", "argv", "RL-CAI: PPO against the preference model (cai ppo fit ...)"),
+    "dpo": ("cai.stages.dpo:cli_main", "argv", "RL-CAI alternative: DPO on the soft AI labels (cai dpo fit ...)"),
     "eval": (
         "cai.stages.evaluate:run",
         "fn",
