@@ -6,10 +6,13 @@ fine-tuned on its own revised responses, with the loss on response tokens only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["sft_loss", "sft_loss_sum"]
+__all__ = ["chunked_sft_loss_sum", "sft_loss", "sft_loss_sum"]
 
 
 def sft_loss_sum(
@@ -68,3 +71,35 @@ def sft_loss(
     """
     loss_sum, count = sft_loss_sum(logits, labels, ignore_index=ignore_index, aligned=aligned)  # (), ()
     return loss_sum / count.clamp(min=1)
+
+
+def _chunk_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]):
+    """Summed cross-entropy of one chunk: ``hidden`` (n, H) -> float32 logits (n, V) -> scalar."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")  # () from (n, V) logits, (n,) targets
+
+
+def chunked_sft_loss_sum(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 256
+) -> torch.Tensor:
+    """``sft_loss_sum`` from the hidden states of the target positions, never holding all their logits at once.
+
+    Formula: ``S = sum_i -log softmax(W h_i)[y_i]`` over the ``N`` selected positions (one target each), summed over
+    chunks of ``chunk_size`` positions; equal to ``sft_loss_sum`` of the full logits up to float summation order.
+    Each chunk's ``(chunk_size, V)`` logits live only during its own forward and backward (activation
+    checkpointing: the backward recomputes them), so the peak is ``O(chunk_size * V)`` rather than ``O(N * V)``
+    (the idea of TRL's ``loss_type="chunked_nll"`` and of fused linear cross-entropy kernels, e.g. Liger-Kernel).
+
+    Args:
+        hidden: ``(N, H)`` final hidden states of the positions that predict a target.
+        targets: ``(N,)`` the target token of each position (no ``ignore_index`` needed: select positions instead).
+        head: the output projection, ``(n, H) -> (n, V)`` logits (e.g. the model's ``lm_head`` module).
+        chunk_size: positions per chunk.
+
+    Returns:
+        Float32 scalar sum of the per-token losses (``0``, connected to ``head``, when ``N == 0``).
+    """
+    parts = [
+        checkpoint(_chunk_nll_sum, hidden[i : i + chunk_size], targets[i : i + chunk_size], head, use_reentrant=False)
+        for i in range(0, max(hidden.shape[0], 1), chunk_size)  # one empty chunk when N == 0: 0 with a graph
+    ]  # [()] each chunk's (<= chunk_size, V) logits are freed before the next chunk's are made
+    return torch.stack(parts).sum()

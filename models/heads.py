@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from models.loading import ModelConfig, check_model_folder, load_model
 from models.logprobs import position_ids_from_mask
+from models.padding import pad_rows
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,17 @@ class PreferenceModel(nn.Module):
         """The backbone's Hugging Face config."""
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) of a batch (B, T) of tokenized sequences."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rewards (B,) of a batch (B, T) of tokenized sequences.
+
+        ``position_ids`` (B, T): needed when rows are left-padded (``position_ids_from_mask``), so that each row's
+        first real token is at position 0 as in training; None: positions 0..T-1 (right padding).
+        """
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return self._read(hidden, attention_mask)
 
     def _read(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,20 +76,11 @@ class PreferenceModel(nn.Module):
     def can_share_prompt(self, width: int) -> bool:
         """Whether ``forward_pairs`` may run prompts once through a KV cache for sequences ``width`` tokens wide.
 
-        Not with gradient checkpointing (Hugging Face models turn the cache off under it), nor past a sliding
-        attention window (the cache would keep only the window), nor with sharded (FSDP) layers: the gradient that
-        reaches a layer through the cached keys and values bypasses the output hooks with which FSDP gathers that
-        layer's parameters again for the backward pass.
+        The rules of :func:`models.sequence_logprobs.can_share_prompt`, applied to the backbone.
         """
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from models.sequence_logprobs import can_share_prompt
 
-        sharded = (FSDPModule, FullyShardedDataParallel)
-        for m in self.backbone.modules():
-            if getattr(m, "gradient_checkpointing", False) is True or isinstance(m, sharded):
-                return False
-        window = getattr(self.config, "sliding_window", None)
-        uses_window = window is not None and getattr(self.config, "use_sliding_window", True)
-        return not (uses_window and width > window)
+        return can_share_prompt(self.backbone, width)
 
     def forward_pairs(
         self,
@@ -142,8 +142,9 @@ class PreferenceModel(nn.Module):
         """Rewards (N,) of whole texts; a text longer than the model's context keeps its end, where the reward is read.
 
         Args:
-            tokenizer: The preference model's tokenizer.
-            texts: Transcripts in the form the model was trained on (``data.preference.transcript``).
+            tokenizer: The preference model's tokenizer (texts are right-padded with its pad token whatever its
+                ``padding_side``).
+            texts: Conversations in the form the model was trained on (``data.formats.PromptFormat.text``).
             batch_size: Texts per forward pass.
         """
         device = next(self.parameters()).device
@@ -152,8 +153,7 @@ class PreferenceModel(nn.Module):
         scores = []
         for s in range(0, len(ids), batch_size):
             rows = [x[-limit:] for x in ids[s : s + batch_size]]
-            enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(device)
-            scores.append(self(enc["input_ids"], enc["attention_mask"]))
+            scores.append(self(*pad_rows(rows, tokenizer.pad_token_id, "right", device)))  # positions from 0
         return torch.cat(scores) if scores else torch.zeros(0, device=device)
 
     @classmethod
@@ -192,19 +192,16 @@ class PolicyWithValue(nn.Module):
 
     Args:
         lm: The policy (``AutoModelForCausalLM``, or a peft model wrapping one).
-        value_head: The ``hidden -> 1`` head; a new one is made when None and there is no critic.
-        critic: A separate value network (``ValueModel``); exclusive with ``value_head``.
+        critic: A separate value network (``ValueModel``); None: a new value head on the policy.
     """
 
-    def __init__(self, lm: nn.Module, value_head: nn.Linear | None = None, critic: nn.Module | None = None):
+    fsdp_forward_methods = ("values",)  # entry points besides forward (see cai.training.shard_fsdp2)
+
+    def __init__(self, lm: nn.Module, critic: nn.Module | None = None):
         super().__init__()
-        if value_head is not None and critic is not None:
-            raise ValueError("PolicyWithValue: give a value head or a critic, not both")
         self.lm = lm
         self.critic = critic
-        self.value_head = None
-        if critic is None:
-            self.value_head = value_head if value_head is not None else scalar_head(lm.config.hidden_size)
+        self.value_head = scalar_head(lm.config.hidden_size) if critic is None else None
 
     def forward(self, input_ids, attention_mask, position_ids, n_last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, n, V) and values (B, n) of the positions that predict the last ``n_last`` tokens."""
@@ -222,6 +219,12 @@ class PolicyWithValue(nn.Module):
             hidden = out.hidden_states[-1][:, -n_last - 1 : -1]  # (B, n, H): the states before each scored token
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, n)
         return out.logits[:, :-1], values
+
+    def values(self, input_ids, attention_mask, position_ids, n_last: int) -> torch.Tensor:
+        """Values (B, n) alone: with a critic, the critic's pass only (the policy's logits are not computed)."""
+        if self.critic is None:  # the value head reads the policy's trunk: the whole forward pass is needed
+            return self(input_ids, attention_mask, position_ids, n_last)[1]
+        return self.critic(input_ids, attention_mask, position_ids, n_last)  # (B, n)
 
 
 class ValueModel(nn.Module):

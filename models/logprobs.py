@@ -10,23 +10,15 @@ the options); ``continuation_logprobs`` scores independent (context, continuatio
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 
 from losses import logprobs_from_logits
+from models.padding import pad_rows
+from models.prefix_cache import SharedPrefix, cache_kwarg, output_cache, shared_prefix_length
 
-
-def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``input_ids`` and ``attention_mask``, both (B, T)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
-    return ids.to(device), mask.to(device)
+_cache_kwarg = cache_kwarg  # the old name, imported by models.sequence_logprobs
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +55,7 @@ def continuation_logprobs(
     result = [0.0] * len(rows)
     for s in range(0, len(order), batch_size):
         batch = order[s : s + batch_size]
-        ids, mask = left_pad([rows[i] for i in batch], pad_token_id, device)
+        ids, mask = pad_rows([rows[i] for i in batch], pad_token_id, "left", device)  # (b, T) each
         n = max(len(continuations[i]) for i in batch)
         logp = last_token_logprobs(model, ids, mask, n)  # (b, n)
         lengths = torch.tensor([len(continuations[i]) for i in batch], device=device)
@@ -71,12 +63,6 @@ def continuation_logprobs(
         for i, total in zip(batch, (logp * keep).sum(-1).tolist()):  # one device sync per batch
             result[i] = total
     return result
-
-
-def _cache_kwarg(model) -> str:
-    """The KV-cache argument's name: ``cache`` in recent transformers (5.24), ``past_key_values`` in older ones."""
-    forward = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in forward else "past_key_values"
 
 
 @torch.no_grad()
@@ -87,6 +73,7 @@ def choice_logprobs(
     pad_token_id: int,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
 ) -> list[list[float]]:
     """Sum of log p(option | context) for every context and every option, reading each context once.
 
@@ -98,6 +85,10 @@ def choice_logprobs(
     result equals ``continuation_logprobs`` of each (context, option) pair up to float rounding. Options of one
     token need no second pass and no cache.
 
+    A prefix that every context shares (the few-shot examples in front of every question) is read once for the
+    whole call and its keys and values repeated to each batch (``models.prefix_cache``); the contexts then only feed
+    what follows it. The result is the same up to float rounding.
+
     Memory: the repeated cache holds ``batch_size * len(options)`` copies of the batch's context keys and values;
     lower ``batch_size`` for long contexts or many options.
 
@@ -108,6 +99,8 @@ def choice_logprobs(
         pad_token_id: Id written in padded positions (masked, never scored).
         batch_size: Contexts per forward pass.
         on_batch: Called with the number of contexts just scored, after each batch (e.g. a progress bar's update).
+        share_prefix: Read the contexts' longest common token prefix once (when it is at least
+            ``models.prefix_cache.MIN_SHARED`` tokens); False runs every context whole (the reference path).
 
     Returns:
         ``result[i][j]``: log p(options[j] | contexts[i]), summed over the option's tokens.
@@ -120,29 +113,33 @@ def choice_logprobs(
     if not all(contexts):
         raise ValueError("choice_logprobs: every context needs at least one token (it predicts the option)")
     device = next(model.parameters()).device
-    k, width = len(options), max(len(o) for o in options)
-    opt = torch.full((k, width), pad_token_id, dtype=torch.long)  # (K, W) options, right-padded
-    opt_mask = torch.zeros((k, width), dtype=torch.long)  # (K, W) 1 on real option tokens
-    for j, o in enumerate(options):
-        opt[j, : len(o)], opt_mask[j, : len(o)] = torch.tensor(o), 1
-    opt, opt_mask = opt.to(device), opt_mask.to(device)
+    opt, opt_mask = pad_rows(options, pad_token_id, "right", device)  # (K, W) options and 1 on their real tokens
+    k, width = opt.shape
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))  # similar lengths share a batch
     result: list[list[float]] = [[] for _ in contexts]
+    shared = shared_prefix_length(contexts) if share_prefix else 0
+    prefix = SharedPrefix(model, contexts[0][:shared]) if shared else None
     for s in range(0, len(order), batch_size):
         batch = order[s : s + batch_size]
         b = len(batch)
-        ids, mask = left_pad([contexts[i] for i in batch], pad_token_id, device)  # (b, T) each
+        if prefix is None:
+            ids, mask = pad_rows([contexts[i] for i in batch], pad_token_id, "left", device)  # (b, T) each
+            positions, past = position_ids_from_mask(mask), {}
+        else:  # the suffixes after the shared prefix's cached keys and values; mask (b, L + S) covers both
+            ids, mask, positions = prefix.layout([contexts[i] for i in batch], pad_token_id, device)
+            past = {cache_kwarg(model): prefix.repeated(b)}
         out = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=width > 1,
+            position_ids=positions,
+            use_cache=width > 1 or prefix is not None,
             logits_to_keep=1,
+            **past,
         )
         # The last position predicts every option's first token.
         total = torch.log_softmax(out.logits[:, -1].float(), -1)[:, opt[:, 0]]  # (b, K)
         if width > 1:
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            cache = output_cache(out)
             cache.batch_repeat_interleave(k)  # (b*K, ...): row r*K + j is context r followed by option j
             feed = opt[:, :-1].repeat(b, 1)  # (b*K, W-1) option tokens that predict the next ones
             feed_mask = opt_mask[:, :-1].repeat(b, 1)  # (b*K, W-1)
@@ -153,12 +150,13 @@ def choice_logprobs(
                 attention_mask=torch.cat([past_mask, feed_mask], 1),  # (b*K, T+W-1)
                 position_ids=lengths + torch.arange(width - 1, device=device),  # (b*K, W-1)
                 use_cache=True,
-                **{_cache_kwarg(model): cache},
+                **{cache_kwarg(model): cache},
             )
             target, keep = opt[:, 1:].repeat(b, 1), opt_mask[:, 1:].repeat(b, 1).bool()  # (b*K, W-1) each
             rest = logprobs_from_logits(out.logits, target)  # (b*K, W-1)
             total = total + torch.where(keep, rest, 0.0).sum(-1).view(b, k)  # (b, K)
-            del cache, out
+            del cache
+        del out, past
         for i, row in zip(batch, total.tolist()):  # one device sync per batch
             result[i] = row
         if on_batch is not None:

@@ -43,6 +43,16 @@ def cai_model_config(spec: dict):
     return ModelConfig(spec["model"], dtype="float32", attn_implementation=spec["attn"])
 
 
+def _in_order(spec: dict, data) -> None:
+    """With ``spec["in_order"]``, the data module's training loader reads the rows in file order (no shuffling).
+
+    The real-text preset sets it (and TRL's ``train_sampling_strategy="sequential"``), so that both systems train
+    on the same batches of rows that vary in length.
+    """
+    if spec.get("in_order"):
+        data.train_dataloader = lambda: data._loader(data.train_set, shuffle=False)
+
+
 def _cai_callback(timer: WindowTimer, network, count_batch=None):
     """A Lightning callback that feeds ``timer``.
 
@@ -86,6 +96,7 @@ def run_sft_cai(spec: dict) -> dict:
         batch_size=spec["batch_size"],
         seed=spec["seed"],
     )
+    _in_order(spec, data)
     _cai_trainer(spec, _cai_callback(timer, lambda m: m.model)).fit(module, datamodule=data)
     return {**timer.result(), "n_params": n_params(module.model)}
 
@@ -112,6 +123,7 @@ def run_rm_cai(spec: dict) -> dict:
         batch_size=spec["batch_size"],
         seed=spec["seed"],
     )
+    _in_order(spec, data)
 
     # The backbone runs twice a step (shared prompts, then continuations), so count the batch: both whole texts.
     def count(batch):
@@ -121,12 +133,50 @@ def run_rm_cai(spec: dict) -> dict:
     return {**timer.result(), "n_params": n_params(module.model)}
 
 
-def run_ppo_cai(spec: dict) -> dict:
+def run_dpo_cai(spec: dict) -> dict:
+    """One hard-label DPO run of ``cai.stages.dpo.DPOModule`` on ``DPODataModule`` with a ``lightning.Trainer``.
+
+    The policy computes the reference log-probabilities itself before its first step (outside the timed window, as
+    TRL's ``precompute_ref_log_probs``; no second copy of the model), on every run (no cache). ``dpo_precompute``
+    runs this same worker.
+    """
+    setup_worker(spec)
+    from cai.stages.dpo import DPOConfig, DPOModule
+    from data.dpo import DPODataModule
+
+    timer = WindowTimer(spec["warmup"], spec["steps"])
+    module = DPOModule(
+        cai_model_config(spec),
+        dpo=DPOConfig(beta=spec["dpo_beta"], labels="hard"),
+        optim=_cai_optim(spec),
+        share_prompt=spec.get("share_prompt", True),
+        hf_out=os.path.join(spec["tmp"], "hf"),
+    )
+    data = DPODataModule(
+        train=spec["data"]["dpo_cai"],
+        val=spec["data"]["dpo_cai"],
+        tokenizer=spec["model"],
+        max_length=spec["seq_len"],
+        max_prompt_length=spec["seq_len"] - 1,
+        batch_size=spec["batch_size"],
+        seed=spec["seed"],
+        ref_cache="off",
+    )
+    _in_order(spec, data)
+
+    def count(batch):  # both whole texts of each pair, as TRL's concatenated forward pass holds them
+        return 2 * batch["prompt_mask"].sum() + batch["response_mask"].sum(), 2 * len(batch["p_chosen"])
+
+    _cai_trainer(spec, _cai_callback(timer, None, count)).fit(module, datamodule=data)
+    return {**timer.result(), "n_params": n_params(module.model)}
+
+
+def run_ppo_cai(spec: dict, critic: bool | None = None) -> dict:
     """One PPO run of ``cai.stages.ppo.PPOModule`` on ``PromptDataModule`` with a ``lightning.Trainer``.
 
     The window is timed by rollouts (``on_train_batch_end``; one training step is one rollout of ``batch_size``
-    prompts). ``spec["ppo"]["critic"]``: a separate critic started from the preference model (TRL's layout) instead
-    of the default value head on the policy.
+    prompts). ``critic`` (default ``spec["ppo"]["critic"]``): a separate critic started from the preference model
+    (TRL's layout) instead of the default value head on the policy.
     """
     setup_worker(spec)
     import lightning as L
@@ -157,7 +207,7 @@ def run_ppo_cai(spec: dict) -> dict:
     module = PPOModule(
         cai_model_config(spec),
         preference_model=pm,
-        critic=pm if p.get("critic") else None,
+        critic=pm if (p.get("critic") if critic is None else critic) else None,
         ppo=cfg,
         optim=_cai_optim({**spec, "lr": p["lr"]}),
         hf_out=os.path.join(spec["tmp"], "hf"),

@@ -152,6 +152,21 @@ def write_data(model_dir: Path, out: Path, n_rows: int, seq_len: int, seed: int 
     return {name: str(path) for name, path in paths.items()}
 
 
+def dpo_data(data: dict[str, str], n_rows: int) -> dict[str, str]:
+    """DPO's files: the first ``n_rows`` pairs of the reward-model files (``dpo_cai``, ``dpo_trl``).
+
+    Both systems compute the reference log-probabilities of every training row before training; a run needs only
+    the rows of its ``warmup + steps`` batches.
+    """
+    out = {}
+    for system in ("cai", "trl"):
+        src = Path(data[f"rm_{system}"])
+        dst = src.with_name(f"dpo_{system}.jsonl")
+        dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n_rows]))
+        out[f"dpo_{system}"] = str(dst)
+    return out
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -334,6 +349,8 @@ class RolloutTimer(WindowTimer):
 
 def workers() -> dict:
     """Worker functions by name (imported here: each worker process imports only the modules it needs)."""
+    from functools import partial
+
     import bench_cai
     import bench_parity
     import bench_trl
@@ -345,6 +362,12 @@ def workers() -> dict:
         "rm-trl": bench_trl.run_rm_trl,
         "ppo-cai": bench_cai.run_ppo_cai,
         "ppo-trl": bench_trl.run_ppo_trl,
+        "dpo-cai": bench_cai.run_dpo_cai,
+        "dpo-trl": bench_trl.run_dpo_trl,  # TRL's defaults: its reference model runs every step
+        "dpo_precompute-cai": bench_cai.run_dpo_cai,  # the same run as dpo-cai
+        "dpo_precompute-trl": partial(bench_trl.run_dpo_trl, precompute=True),
+        "ppo_critic-cai": partial(bench_cai.run_ppo_cai, critic=True),
+        "ppo_critic-trl": bench_trl.run_ppo_trl,  # TRL has one layout: the same run as ppo-trl
         "parity": bench_parity.run_parity,
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench_cai import cai_model_config
 from bench_lib import setup_worker
-from bench_trl import make_trl_rm, make_trl_sft
+from bench_trl import make_trl_dpo, make_trl_rm, make_trl_sft
 
 
 def _compare_batches(ours: dict, theirs: dict, keys: tuple[str, ...]) -> str | None:
@@ -124,6 +124,52 @@ def parity_rm(spec: dict, n: int) -> dict:
     return _verdict(values, diffs, differ, spec["parity_tol"], note)
 
 
+def parity_dpo(spec: dict, n: int) -> dict:
+    """This project's DPO inputs, reference log-probabilities and loss against TRL's ``DPOTrainer`` on ``n`` pairs.
+
+    Each system tokenizes its own file: the prompt, chosen and rejected ids of every row must be the same. TRL's
+    precomputed reference log-probabilities (its concatenated forward pass over whole texts) are compared with
+    ours (``cai.stages.dpo.reference_logps``: each prompt once, the responses after its KV cache), relative to
+    their size (sums over a response's tokens), and the loss of one batch with them. Before training the policy is
+    the reference, so both losses are log 2; the loss math itself is checked in ``tests/test_dpo_trl.py``.
+    """
+    import torch
+
+    from cai.stages.dpo import DPOConfig, DPOModule, reference_logps
+    from data.dpo import DPODataModule
+
+    device = torch.device(spec["device"])
+    path, seq = spec["data"]["dpo_cai"], spec["seq_len"]
+    dm = DPODataModule(path, path, spec["model"], seq, seq - 1, batch_size=n, ref_cache="off")
+    dm.setup("fit")
+    trainer = make_trl_dpo({**spec, "bf16": False}, rows=n, precompute=True)
+    ds = trainer.train_dataset
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    wrong = [f"{k} of row {i + 1}" for i in range(n) for k in keys if dm.train_set[i][k] != ds[i][k]]
+    differ = f"{', '.join(wrong[:3])} differ" if wrong else None
+
+    module = DPOModule(cai_model_config(spec), dpo=DPOConfig(beta=spec["dpo_beta"], labels="hard"))
+    module.configure_model()
+    module.to(device)
+    trainer.model.train()
+    ref = reference_logps(module.model, dm.train_set.select(range(n)), dm.collator(), n)
+    rows = [{**dm.train_set[i], "ref_chosen_logps": c, "ref_rejected_logps": r} for i, (c, r) in enumerate(ref)]
+    ours = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dm.collator()(rows).items()}
+    theirs = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(n)]))
+    with torch.no_grad():
+        loss_ours = module._step(ours)["loss"]
+        loss_trl = trainer.compute_loss(trainer.model, dict(theirs))
+    ref_ours = torch.cat([ours["ref_chosen_logps"], ours["ref_rejected_logps"]]).cpu()
+    ref_trl = torch.cat([theirs["ref_chosen_logps"], theirs["ref_rejected_logps"]]).float().cpu()
+    diffs = {
+        "ref logps (relative)": float(((ref_ours - ref_trl).abs() / ref_trl.abs().clamp(min=1)).max()),
+        "loss": abs(float(loss_ours) - float(loss_trl)),
+    }
+    values = {"loss_cai": float(loss_ours), "loss_trl": float(loss_trl), "ref_logp_chosen_row1": float(ref_trl[0])}
+    note = "ours reads each prompt once (KV cache), so float rounding differs"
+    return _verdict(values, diffs, differ, spec["parity_tol"], note)
+
+
 def parity_ppo(spec: dict, n: int) -> dict:
     """This project's PPO math against TRL 1.12.0's ``PPOTrainer.train`` on identical rollouts, end to end.
 
@@ -159,19 +205,36 @@ def parity_ppo(spec: dict, n: int) -> dict:
         for name, (ours, trl) in zip(diffs, pairs):
             diffs[name] = max(diffs[name], float(torch.as_tensor(ours - trl).abs().max()))
     values = {"policy_loss_cai": float(pg), "policy_loss_trl": float(theirs.pg_loss)}
+    scored = (
+        "ours scores the last response token, the stop token <|im_end|> included; TRL the token before it (its pad "
+        "token is <|im_end|>, so it takes the stop token for padding)"
+        if p.get("stop_eos")
+        else "ours scores the last response token (TRL one slot later; the same token here: no stop token)"
+    )
     note = (
         "on 8 random rollouts of the run's shape; differs by design: value model (ours a value head on the policy "
-        "by default, TRL a separate value model started from the PM), ours scores the last response token (TRL one "
-        "slot later; the same token here: no stop token), ours clips gradients at 1.0 (TRL's PPO never clips)"
+        f"by default, TRL a separate value model started from the PM), {scored}, ours clips gradients at 1.0 (TRL's "
+        "PPO never clips)"
     )
     return _verdict(values, diffs, None, spec["parity_tol"], note, what="identical rollouts")
 
 
-PARITY = {"sft": parity_sft, "rm": parity_rm, "ppo": parity_ppo}
+PARITY = {
+    "sft": parity_sft,
+    "rm": parity_rm,
+    "dpo": parity_dpo,
+    "dpo_precompute": parity_dpo,
+    "ppo": parity_ppo,
+    "ppo_critic": parity_ppo,
+}
 
 
 def run_parity(spec: dict) -> dict:
     """Parity of every stage in ``spec["parity_stages"]`` that has a check, in float32, on one batch each."""
     setup_worker(spec)
     n = min(spec["batch_size"], 8)
-    return {stage: PARITY[stage](spec, n) for stage in spec["parity_stages"] if stage in PARITY}
+    done: dict = {}  # one check per function: stages that share one (dpo, dpo_precompute) share its result
+    for stage in spec["parity_stages"]:
+        if stage in PARITY and PARITY[stage] not in done:
+            done[PARITY[stage]] = PARITY[stage](spec, n)
+    return {stage: done[PARITY[stage]] for stage in spec["parity_stages"] if stage in PARITY}

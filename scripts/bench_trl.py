@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from bench_lib import RolloutTimer, WindowTimer, n_params, ppo_prompts, setup_worker
 
@@ -21,6 +22,8 @@ def _trl_common_args(spec: dict) -> dict:
         **_quiet_args(spec),
         dataloader_num_workers=0,
         data_seed=spec["seed"],
+        # rows in file order when this project's worker reads them so too (bench_cai._in_order)
+        train_sampling_strategy="sequential" if spec.get("in_order") else "random",
         model_init_kwargs={"dtype": "float32", "attn_implementation": spec["attn"]},
     )
 
@@ -102,6 +105,27 @@ def make_trl_rm(spec: dict, callbacks=()):
     )
 
 
+def make_trl_dpo(spec: dict, callbacks=(), rows: int | None = None, precompute: bool = False):
+    """A ``trl.DPOTrainer`` (sigmoid loss: hard labels) on the TRL-format pairs, its first ``rows`` (all if None).
+
+    ``precompute``: TRL's ``precompute_ref_log_probs``, the reference log-probabilities computed once by the policy
+    when the trainer is built (outside the timed window), as this project's DPO does before training; else TRL's
+    default, a second copy of the model that runs as the reference every step.
+    """
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    data = _load_jsonl(spec["data"]["dpo_trl"])
+    args = DPOConfig(**_trl_common_args(spec), beta=spec["dpo_beta"], precompute_ref_log_probs=precompute)
+    return DPOTrainer(
+        model=spec["model"],
+        args=args,
+        train_dataset=data if rows is None else data.select(range(rows)),
+        processing_class=AutoTokenizer.from_pretrained(spec["model"]),
+        callbacks=list(callbacks),
+    )
+
+
 def _run_trl(spec: dict, make) -> dict:
     """One timed run of the TRL trainer that ``make(spec, callbacks)`` builds."""
     setup_worker(spec)
@@ -122,12 +146,18 @@ def run_rm_trl(spec: dict) -> dict:
     return _run_trl(spec, make_trl_rm)
 
 
+def run_dpo_trl(spec: dict, precompute: bool = False) -> dict:
+    """One DPO run of TRL's ``DPOTrainer``: its defaults, or with ``precompute_ref_log_probs`` (``precompute``)."""
+    return _run_trl(spec, partial(make_trl_dpo, precompute=precompute))
+
+
 def run_ppo_trl(spec: dict) -> dict:
     """One PPO run of TRL's ``trl.experimental.ppo.PPOTrainer``, timed by updates (one update = one rollout batch).
 
-    Policy and reference from the same tiny model; reward model and value model (TRL's separate critic, started from
-    the preference model as in TRL's examples) from the saved preference model. No stop token and no missing-EOS
-    penalty, so every response is ``response_length`` tokens, as generation is in this project.
+    Policy and reference from the same model; reward model and value model (TRL's separate critic, started from
+    the preference model as in TRL's examples) from the saved preference model. No missing-EOS penalty. Stop token:
+    EOS with ``spec["ppo"]["stop_eos"]`` (the real model, which ends its answers; this project stops there too), else
+    none, so every response of the random models is ``response_length`` tokens.
     """
     setup_worker(spec)
     import datasets
@@ -151,7 +181,7 @@ def run_ppo_trl(spec: dict) -> dict:
         response_length=p["new_tokens"],
         num_ppo_epochs=p["epochs"],
         temperature=1.0,
-        stop_token=None,
+        stop_token="eos" if p.get("stop_eos") else None,
         stop_token_id=None,
         missing_eos_penalty=None,
         kl_coef=p["kl_coef"],

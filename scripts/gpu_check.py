@@ -10,8 +10,8 @@ Sections (each writes its part of the file as soon as it ends, so a run cut shor
 * ``attention``: forward and backward of that model with ``sdpa``, ``eager`` and ``flash_attention_2`` (when
   ``flash-attn`` is installed; it is source-only and needs CUDA): tokens per second, peak memory and the largest
   logit difference from ``sdpa``;
-* ``pipeline``: ``configs/pipeline/qwen2.5-0.5b_1gpu.yaml`` shortened to a few steps per stage, on the random weights
-  and the built-in prompts (no hub), end to end.
+* ``pipeline``: ``configs/pipeline/qwen2.5-0.5b_1gpu.yaml`` shortened to a few steps per stage, with both RL stages
+  (``rl: both``: PPO and DPO), on the random weights and the built-in prompts (no hub), end to end.
 
 ``--cpu-smoke`` runs the same code at tiny sizes on the CPU (CI runs it, so the script cannot rot unseen).
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))  # bench_lib and bench_vs_trl beside this file
-from bench_vs_trl import QWEN2_05B  # noqa: E402
+sys.path.insert(0, str(REPO / "scripts"))  # bench_lib and bench_presets beside this file
+from bench_presets import QWEN2_05B  # noqa: E402
 
 SECTIONS = ("bench", "ppo", "attention", "pipeline")
 
@@ -299,7 +299,7 @@ def shortened_pipeline(work: Path, sizes: Sizes, model: Path) -> dict:
 
     cfg = yaml.safe_load((REPO / "configs/pipeline/qwen2.5-0.5b_1gpu.yaml").read_text())
     p = sizes.pipeline
-    cfg.update(run_dir=str(work / "pipeline"), base_model=str(model), hhh_evals=None)
+    cfg.update(run_dir=str(work / "pipeline"), base_model=str(model), hhh_evals=None, hhh_max_examples=p["prompts"])
     builtin = dict(red_team="red_team", helpful="helpful", max_prompts=p["prompts"], hold_out_last=p["prompts"])
     sl = cfg["sl_data"]
     sl["prompts"] = builtin
@@ -311,7 +311,8 @@ def shortened_pipeline(work: Path, sizes: Sizes, model: Path) -> dict:
     label["sampling"].update(max_new_tokens=p["new_tokens"], batch_size=p["batch_size"])
     label["feedback"].update(num_few_shot=1, batch_size=p["batch_size"])
     label["chunk_size"] = p["prompts"]
-    for stage in ("sft", "pm", "ppo"):
+    cfg["rl"] = "both"  # PPO and DPO: every stage of the recipe
+    for stage in ("sft", "pm", "ppo", "dpo"):
         trainer = cfg[stage]["trainer"]
         trainer["accelerator"] = sizes.accelerator
         trainer.pop("val_check_interval", None)
@@ -319,7 +320,8 @@ def shortened_pipeline(work: Path, sizes: Sizes, model: Path) -> dict:
         if stage != "ppo":
             trainer["max_steps"] = p["steps"]
         cfg[stage]["data"].update(batch_size=p["batch_size"])
-    cfg["sft"]["data"]["max_length"] = cfg["pm"]["data"]["max_length"] = 256
+    cfg["sft"]["data"]["max_length"] = cfg["pm"]["data"]["max_length"] = cfg["dpo"]["data"]["max_length"] = 256
+    cfg["dpo"]["data"]["max_prompt_length"] = 128
     cfg["ppo"]["model"]["ppo"].update(total_rollouts=2, max_new_tokens=p["new_tokens"], ppo_epochs=1, num_minibatches=1)
     cfg["ppo"]["data"] = dict(prompts="red_team", batch_size=p["batch_size"], max_prompt_tokens=128)
     cfg["evaluate"] = dict(num_prompts=p["prompts"], batch_size=p["batch_size"])

@@ -48,13 +48,15 @@ def test_smoke_tiny_preset(tmp_path):
     env = clean_env()
     env["HF_HUB_OFFLINE"] = "1"
     out = tmp_path / "table.md"
-    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--stages", "sft,rm,ppo", "--repeats", "1"]
+    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--stages", "sft,rm,ppo,dpo,dpo_precompute"]
+    cmd += ["--repeats", "1"]
     cmd += ["--steps", "4", "--warmup", "1", "--n_rows", "32", "--retries", "0", "--out", str(out)]
     cmd += ["--ppo_steps", "2", "--ppo_warmup", "1", "--ppo_batch_size", "4", "--ppo_new_tokens", "8"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = table_rows(out.read_text())
-    for label in ("SFT", "reward model (hard labels)", "PPO"):
+    dpo = ("DPO (hard labels) vs TRL defaults", "DPO vs TRL precompute_ref_log_probs")
+    for label in ("SFT", "reward model (hard labels)", "PPO", *dpo):
         cells = rows[label]
         for i in (2, 3, 4, 7):  # this project, TRL, ratio, memory ratio
             assert number(cells[i]) > 0, (label, cells)
@@ -85,6 +87,9 @@ def test_table_medians_ratios_and_parity_cells():
         },
         "rm": {"cai": [fake_run(0, 1.0, 1 << 30)], "trl": [fake_run(0, 2.0, 2 << 30)]},
         "ppo": {"cai": [fake_run(0, 0.5, 1 << 30)], "trl": [fake_run(0, 2.0, 1 << 30)]},
+        "ppo_critic": {"cai": [fake_run(0, 1.0, 1 << 30)], "trl": [fake_run(0, 2.0, 1 << 30)]},
+        "dpo": {"cai": [fake_run(0, 1.0, 1 << 30)], "trl": [fake_run(0, 1.0, 2 << 30)]},
+        "dpo_precompute": {"cai": [fake_run(0, 1.0, 1 << 30)], "trl": [fake_run(0, 2.0, 1 << 29)]},
     }
     parity = {
         "sft": {"equal": True, "diffs": {"loss": 1e-8}, "values": {}, "inputs": "identical", "note": ""},
@@ -106,7 +111,14 @@ def test_table_medians_ratios_and_parity_cells():
     ppo = rows["PPO"]  # episodes/s = rows / s
     assert ppo[2] == "32" and ppo[3] == "8" and ppo[4] == "**4.00x**" and "speed met" in ppo[8]
     assert parity_ok(ppo[9]) and ppo[9].startswith("equal (identical rollouts; max abs diff: advantages 1.0e-07)")
-    assert len(runs) == 3
+    critic = rows["PPO, separate critic"]  # no parity result for it here
+    assert critic[2] == "16" and critic[4] == "**2.00x**" and "speed met" in critic[8] and critic[9] == "not checked"
+    dpo = rows["DPO (hard labels) vs TRL defaults"]  # pairs/s, like the reward model
+    assert dpo[2] == "8" and dpo[4] == "**1.00x**" and "speed missed, memory met" in dpo[8] and dpo[7] == "0.50x"
+    assert dpo[8].startswith(">= 1.5x")
+    pre = rows["DPO vs TRL precompute_ref_log_probs"]
+    assert pre[3] == "4" and pre[4] == "**2.00x**" and "speed met, memory missed" in pre[8] and pre[7] == "2.00x"
+    assert len(runs) == 6
     assert "training starts" not in runs[0]  # the fake runs carry no set-up memory
 
     for r in results["sft"]["cai"] + results["sft"]["trl"]:
@@ -114,3 +126,99 @@ def test_table_medians_ratios_and_parity_cells():
     table, runs = bench.build_table(stages[:1], results, parity, {"device": "cpu", "peak_tflops": None})
     assert "MFU" not in table  # no MFU row on a CPU unless a peak is given
     assert "when training starts (imports, model, data): this project 64 MiB, TRL 64 MiB" in runs[0]
+
+
+def test_shared_runs_are_interleaved_with_their_partner_stage():
+    bench = load_script()
+    by_name = {s.name: s for s in bench.STAGES}
+    pick = [by_name[n] for n in ("rm", "dpo", "dpo_precompute", "ppo", "ppo_critic")]
+    groups = [[f"{stage.name}-{system}" for stage, system in jobs] for jobs in bench.run_groups(pick)]
+    assert groups == [
+        ["rm-cai", "rm-trl"],
+        ["dpo-cai", "dpo-trl", "dpo_precompute-trl"],
+        ["ppo-cai", "ppo-trl", "ppo_critic-cai"],
+    ]
+    alone = [[f"{s.name}-{x}" for s, x in jobs] for jobs in bench.run_groups([by_name["dpo_precompute"]])]
+    assert alone == [["dpo_precompute-cai", "dpo_precompute-trl"]]  # without dpo it runs both systems itself
+
+
+def load_presets():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_presets
+
+    return bench_presets
+
+
+def test_hhh_row_parses_into_conversation_and_both_options():
+    from data.formats import DEFAULT_PRINCIPLE, feedback_question
+
+    presets = load_presets()
+    question = feedback_question(
+        "Can you help me? [[[not an option]]]", DEFAULT_PRINCIPLE, " good ", "bad\n\nsecond line"
+    )
+    row = {"prompt": "\n\n" + question + "\n\nThe answer is:", "corrects": [" (A)"], "incorrects": [" (B)"]}
+    pair = presets.parse_hhh_row(row)
+    assert pair == {
+        "prompt": [{"role": "user", "content": "Can you help me? [[[not an option]]]"}],
+        "chosen": "good",
+        "rejected": "bad\n\nsecond line",
+    }
+    swapped = presets.parse_hhh_row({**row, "corrects": [" (B)"], "incorrects": [" (A)"]})
+    assert (swapped["chosen"], swapped["rejected"]) == ("bad\n\nsecond line", "good")
+    assert presets.parse_hhh_row({**row, "corrects": [" (A)"], "incorrects": [" (C)"]}) is None
+
+
+def test_real_text_rows_give_both_systems_the_same_ids(smollm2_dir, shared_cai, tmp_path):
+    """On HHH rows and SL-CAI samples, this project's rows and TRL's conversational rows tokenize to the same ids.
+
+    TRL's side runs TRL's own tokenization step (``trl.data_utils._tokenize``, what ``SFTTrainer`` and
+    ``RewardTrainer`` call on conversational rows); the parsed options must be the file's own transcripts.
+    """
+    pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[bench]'): nothing to compare against")
+    import json
+
+    from trl.data_utils import _tokenize
+
+    from data.formats import PromptFormat
+    from data.preference import pair_texts, tokenize_pair
+    from data.sft import tokenize_example
+    from models import load_tokenizer
+
+    presets = load_presets()
+    lines = (shared_cai / presets.HHH_FILE).read_text().splitlines()[:40]
+    hhh = tmp_path / "hhh.jsonl"
+    hhh.write_text("\n".join(lines) + "\n")
+    tok = load_tokenizer(str(smollm2_dir), padding_side="right")
+    fmt = PromptFormat(tok, "chat")
+    for line in lines:  # the options parsed from the question are the row's own transcripts
+        row = json.loads(line)
+        pair = presets.parse_hhh_row(row)
+        whole = pair_texts({"chosen": row["text_correct"], "rejected": row["text_incorrect"]}, fmt)
+        assert pair_texts(pair, fmt) == whole
+
+    sl = str(shared_cai / presets.SL_SAMPLES)
+    paths, notes = presets.write_real_data(smollm2_dir, tmp_path / "data", 512, 40, 4, sl, str(hhh))
+    rows = {name: [json.loads(r) for r in open(path)] for name, path in paths.items()}
+    assert len(rows["rm_cai"]) >= 32 and len(rows["sft_cai"]) >= 20, notes
+    assert all(" 0 with ids that differ" in n for n in notes), notes
+    for ours, theirs in zip(rows["rm_cai"], rows["rm_trl"], strict=True):
+        ids = tokenize_pair(ours, fmt, 512, True)
+        assert ids["chosen_ids"] == _tokenize(tok, theirs["prompt"] + theirs["chosen"])["input_ids"]
+        assert ids["rejected_ids"] == _tokenize(tok, theirs["prompt"] + theirs["rejected"])["input_ids"]
+        assert tok.decode(ids["chosen_ids"]).endswith("<|im_end|>\n")
+    for ours, theirs in zip(rows["sft_cai"], rows["sft_trl"], strict=True):
+        ids = tokenize_example(ours, fmt, 512)
+        n_prompt = len(_tokenize(tok, theirs["prompt"], add_generation_prompt=True)["input_ids"])
+        assert ids["input_ids"] == _tokenize(tok, theirs["prompt"] + theirs["completion"])["input_ids"]
+        assert ids["labels"][:n_prompt] == [-100] * n_prompt and -100 not in ids["labels"][n_prompt:]
+
+
+def test_real_preset_without_shared_material_exits_with_one_line(monkeypatch, tmp_path):
+    presets = load_presets()
+    monkeypatch.setattr(presets, "SHARED", tmp_path / "absent")
+    with pytest.raises(SystemExit) as exc:
+        presets.source_paths(None, None, ["sft", "dpo"])
+    message = str(exc.value)
+    assert "\n" not in message and "absent is missing" in message and "--sft_data and --hhh" in message
+    assert presets.source_paths("sl.jsonl", "hhh.jsonl", ["sft", "rm", "ppo"]) == ("sl.jsonl", "hhh.jsonl")
+    assert presets.source_paths(None, None, ["ppo"]) == (None, None)  # PPO reads the built-in prompts

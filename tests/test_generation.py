@@ -131,3 +131,23 @@ def test_row_sampler_repetition_penalty_is_hfs_on_each_rows_own_tokens():
     hf = transformers.generation.logits_process.RepetitionPenaltyLogitsProcessor(1.3)
     slow = torch.cat([hf(ids[r : r + 1, pad:], scores[r : r + 1].clone()) for r, pad in enumerate(pads)])
     assert torch.equal(fast(ids, scores.clone()), slow)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.3), (20, 0.8), (7, 1.0), (0, 0.999)])
+def test_nucleus_keeps_what_hfs_warpers_keep(top_k, top_p):
+    import transformers
+
+    from cai.method.generation import nucleus
+
+    torch.manual_seed(1)
+    scores = torch.randn(6, 3000) * torch.tensor([0.5, 1, 2, 4, 8, 0.01])[:, None]  # flat to peaked rows
+    lp = transformers.generation.logits_process
+    hf = scores.clone()
+    if top_k:
+        hf = lp.TopKLogitsWarper(top_k)(None, hf)
+    if top_p < 1:
+        hf = lp.TopPLogitsWarper(top_p)(None, hf)
+    values, indices = nucleus(scores, top_k, top_p, start=8)
+    ours = torch.full_like(scores, float("-inf")).scatter(1, indices, values)
+    assert torch.equal(ours, hf)
+    assert values.shape[1] < 3000 or top_p > 0.99  # only the candidates, not the whole vocabulary

@@ -35,7 +35,10 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     # Attention kernels agree with sdpa (fp32 on a CPU).
     eager = re.search(r"^\| eager \| [\d,]+ \| .* \| ([\d.e+-]+) \|$", text, re.M)
     assert eager and float(eager.group(1)) < 1e-4
-    assert "every stage ran" in text and "sft" in text and "ppo" in text
+    # The shortened one-GPU recipe ran every stage, both RL stages included.
+    folders = re.search(r"^- stage folders: (.*)$", text, re.M)
+    assert "every stage ran" in text and folders, text
+    assert {"sl_data", "sft", "label", "pm", "ppo", "dpo", "eval", "report"} <= set(folders.group(1).split(", "))
 
 
 def test_gpu_check_refuses_unknown_sections(tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from cai.stages.pm import PreferenceModule, SoftCalibrationError, cli_main
+from cai.method.calibration import SoftCalibrationError
+from cai.stages.pm import PreferenceModule, cli_main
 from data.formats import PromptFormat
 from data.preference import PreferenceCollator, tokenize_pair
 from helpers import run_args, scalars
@@ -64,6 +65,20 @@ def test_soft_calibration_error_by_hand():
     m.update(torch.tensor([0.2, 0.3, 0.9]), torch.tensor([0.0, 0.1, 0.5]))
     # bin 0: preds 0.2, 0.3 (mean .25) vs labels 0, .1 (mean .05) -> .2 over 2; bin 1: .9 vs .5 -> .4 over 1.
     assert m.compute().item() == pytest.approx((2 * 0.2 + 1 * 0.4) / 3)
+
+
+def test_calibration_sums_stay_float64_when_the_module_is_cast_to_bf16():
+    # Catches: bf16-true casting the metric's running sums with the module (validation then crashed in index_add_,
+    # and bin counts in bfloat16 stop growing at 256).
+    m = torch.nn.Module()
+    m.ece = SoftCalibrationError(n_bins=2)
+    m.to(torch.bfloat16)
+    assert m.ece.count.dtype == torch.float64
+    m.ece.update(torch.full((300,), 0.75), torch.full((300,), 0.5))
+    m.ece.reset()  # the defaults kept their dtype too
+    m.ece.update(torch.full((300,), 0.75), torch.full((300,), 0.5))
+    assert m.ece.count.dtype == torch.float64 and m.ece.count[1].item() == 300
+    assert m.ece.compute().item() == pytest.approx(0.25)
 
 
 def test_pair_tokenization_and_collation(tiny_tokenizer):

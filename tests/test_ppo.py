@@ -6,9 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cai.stages.pm import PreferenceModule  # noqa: F401  (imported so the module is importable in CI)
-from cai.stages.ppo import cli_main
+from cai.stages.ppo import LoraConfig, PPOConfig, PPOModule, cli_main
+from cai.training import OptimConfig
 from helpers import clean_env, run_args, scalars
 from models import ModelConfig
+from models.errors import UserError
 from models.heads import PreferenceModel
 
 
@@ -221,3 +223,37 @@ def test_ppo_separate_critic_and_gradient_checkpointing(tiny_model_dir, pm_dir, 
     critic_now = module.model.critic.backbone.state_dict()
     assert any(not torch.equal(critic_start[k], critic_now[k].cpu()) for k in critic_start)
     assert len(scalars(tmp_path, "loss/value")) == 2
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PPOConfig(kl_horizon=0), "ppo.kl_horizon=0: must be at least 1"),
+        (lambda: PPOConfig(target_kl_penalty=0.0), "ppo.target_kl_penalty=0.0: must be above 0"),
+        (lambda: PPOConfig(vf_coef=-0.1), "ppo.vf_coef=-0.1: must be 0 or more"),
+        (lambda: LoraConfig(r=0), "lora.r=0: must be at least 1"),
+        (lambda: LoraConfig(alpha=0), "lora.alpha=0: must be above 0"),
+        (lambda: LoraConfig(target_modules=[]), "lora.target_modules: must name at least one module"),
+        (lambda: OptimConfig(lr=0.0), "optim.lr=0.0: must be above 0"),
+        (lambda: OptimConfig(betas=(0.9, 1.0)), r"optim.betas=\(0.9, 1.0\): must be two numbers in \[0, 1\)"),
+        (lambda: OptimConfig(schedule="linear"), "optim.schedule='linear': must be cosine or constant"),
+        (lambda: OptimConfig(min_lr_ratio=1.5), "optim.min_lr_ratio=1.5"),
+        (lambda: OptimConfig(warmup_steps=-1), "optim.warmup_steps=-1"),
+    ],
+)
+def test_settings_are_checked_when_built(make, message):
+    with pytest.raises(UserError, match=message):
+        make()
+    # the defaults and the boundary values pass
+    assert PPOConfig(kl_horizon=1, vf_coef=0.0).kl_horizon == 1
+    assert LoraConfig(r=1).r == 1 and OptimConfig(weight_decay=0.0, min_lr_ratio=0.0, warmup_steps=0).lr > 0
+
+
+def test_ppo_module_refuses_a_bad_prompt_format_or_sample_count():
+    policy = ModelConfig("unused")  # nothing is loaded before configure_model
+    with pytest.raises(UserError, match="model.prompt_format='md': must be auto, chat or transcript"):
+        PPOModule(policy, reward_function="m:f", prompt_format="md")
+    with pytest.raises(UserError, match="model.log_samples=-1: must be 0 or more"):
+        PPOModule(policy, reward_function="m:f", log_samples=-1)
+    with pytest.raises(UserError, match="give exactly one of"):
+        PPOModule(policy)

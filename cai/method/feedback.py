@@ -96,12 +96,22 @@ class FeedbackScorer:
         cfg: Feedback settings.
         cot_sampling: Sampling settings of the chain-of-thought reasoning (greedy by default).
         prompt_format: ``auto``, ``chat`` or ``transcript`` (``data.formats``): how the question is laid out.
+        share_prefix: Score the options after a few-shot context that every query shares read once
+            (``models.prefix_cache``); False reads every query whole (the reference path; the same results up to
+            float rounding). The chain-of-thought generation shares its prefix either way (``Generator``).
     """
 
     def __init__(
-        self, model, tokenizer, constitution: Constitution, cfg: FeedbackConfig, cot_sampling=None, prompt_format="auto"
+        self,
+        model,
+        tokenizer,
+        constitution: Constitution,
+        cfg: FeedbackConfig,
+        cot_sampling=None,
+        prompt_format="auto",
+        share_prefix: bool = True,
     ):
-        self.model, self.tok, self.const, self.cfg = model, tokenizer, constitution, cfg
+        self.model, self.tok, self.const, self.cfg, self.share = model, tokenizer, constitution, cfg, share_prefix
         self.format = PromptFormat(tokenizer, prompt_format)
         self.shots = [few_shot_pair(ex, i) for i, ex in enumerate(constitution.feedback_few_shot[: cfg.num_few_shot])]
         self.cot_shots = constitution.feedback_cot_few_shot[: cfg.num_few_shot]
@@ -114,7 +124,9 @@ class FeedbackScorer:
     def _option_logprobs(self, contexts: list[str]) -> list[tuple[float, float]]:
         # Each context runs once; its keys and values are reused for " (A)" and " (B)" (models.logprobs).
         ids = self.tok(contexts, add_special_tokens=False)["input_ids"]
-        lp = choice_logprobs(self.model, ids, self.option_ids, self.tok.pad_token_id, self.cfg.batch_size)
+        lp = choice_logprobs(
+            self.model, ids, self.option_ids, self.tok.pad_token_id, self.cfg.batch_size, share_prefix=self.share
+        )
         return [(a, b) for a, b in lp]
 
     def score(self, items: list[dict]) -> list[dict]:

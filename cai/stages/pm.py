@@ -7,46 +7,16 @@ label p (the feedback model's probability that ``chosen`` is better), -[p log σ
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from cai.method.calibration import SoftCalibrationError
 from cai.training import HFModule, OptimConfig, run_cli
 from data.preference import PreferenceDataModule
 from losses import soft_preference_loss
-from models import ModelConfig, load_tokenizer
+from models import ModelConfig
 from models.heads import PreferenceModel
-
-
-class SoftCalibrationError(Metric):
-    """Expected calibration error of predicted probabilities against *soft* labels.
-
-    Predictions are put into ``n_bins`` equal-width bins; the error is the count-weighted mean over bins of
-    |mean prediction - mean label|. With hard 0/1 labels this is the usual ECE (Guo et al. 2017, arXiv:1706.04599).
-    """
-
-    full_state_update = False
-
-    def __init__(self, n_bins: int = 10, **kwargs):
-        super().__init__(**kwargs)
-        self.n_bins = n_bins
-        for name in ("pred_sum", "label_sum", "count"):
-            self.add_state(name, default=torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch of predicted probabilities (N,) and soft labels (N,)."""
-        bins = (preds.detach().double() * self.n_bins).long().clamp_(0, self.n_bins - 1)
-        self.pred_sum.index_add_(0, bins, preds.detach().double())
-        self.label_sum.index_add_(0, bins, labels.detach().double())
-        self.count.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
-
-    def compute(self) -> torch.Tensor:
-        """The calibration error."""
-        seen = self.count > 0
-        gap = (self.pred_sum[seen] - self.label_sum[seen]).abs()  # = count * |mean pred - mean label| per bin
-        return (gap.sum() / self.count.sum()).float()
 
 
 class PreferenceModule(HFModule):
@@ -87,19 +57,9 @@ class PreferenceModule(HFModule):
     def hf_model(self):
         return self.model.backbone
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def save_hf(self, path: str | Path) -> Path:
-        state = self.full_state_dict()  # collective: every rank
-        path = Path(path)
-        if self.trainer.is_global_zero:
-            self.model.save_pretrained(path, state_dict=state)
-            load_tokenizer(self.model_cfg.tokenizer or self.model_cfg.name_or_path).save_pretrained(path)
-        self.trainer.strategy.barrier("save_hf")
-        return path
+    def export_module(self) -> PreferenceModel:
+        """The whole preference model, backbone and head (``save_hf`` writes it as ``ForSequenceClassification``)."""
+        return self.model
 
     def _step(self, batch: dict[str, torch.Tensor]):
         r_c, r_r = self.model.forward_pairs(
@@ -117,7 +77,7 @@ class PreferenceModule(HFModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, r_c, r_r, p = self._step(batch)
         self.train_acc(torch.sigmoid(r_c - r_r), (p >= 0.5).long())
-        self.log("loss/train", loss, prog_bar=True)
+        self.log("loss/train", loss, prog_bar=True, sync_dist=True)  # equal shares per rank: the global mean
         self.log("train/accuracy", self.train_acc)
         return loss
 

@@ -2,7 +2,8 @@
 
 Run as ``cai ppo fit --config configs/ppo/tiny.yaml``. Read ``PPOModule.training_step`` top to bottom: it is the
 whole algorithm, in the order it runs (cf. CleanRL's ``ppo.py``), built on ``losses/ppo.py``. docs/ppo.md lists
-every metric and every detail with its reason.
+every metric and every detail with its reason; ``cai/stages/ppo_config.py`` every setting (``model.ppo``,
+``model.lora``).
 
 One training step = one rollout of ``batch_size`` prompts per device, then ``ppo_epochs`` passes over shuffled
 minibatches of it, one optimizer step per minibatch. Lightning's ``global_step`` therefore counts optimizer steps;
@@ -15,13 +16,12 @@ import importlib
 import json
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
+from cai.stages.ppo_config import LoraConfig, PPOConfig
 from cai.training import HFModule, OptimConfig, lr_lambda, make_adamw, run_cli
 from data.formats import PromptFormat
 from data.prompt_data import PromptDataModule
@@ -41,96 +41,13 @@ from losses import (
 from models import ModelConfig, load_model, load_tokenizer
 from models.errors import UserError
 from models.heads import PolicyWithValue, PreferenceModel, ValueModel
-from models.logprobs import last_token_logprobs, left_pad, position_ids_from_mask
+from models.loading import same_tokenizer
+from models.logprobs import last_token_logprobs, position_ids_from_mask
+from models.padding import pad_rows
 
 # Checkpoints taken between training steps hold the state after that step's optimizer steps, which is what resuming
 # needs; Lightning warns about this for every manual-optimization module that checkpoints by step.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyperparameters (defaults follow TRL's PPOConfig and Ziegler et al. 2019 where they apply)."""
-
-    total_rollouts: int = 100
-    """Training steps (rollouts) to run; each makes ``ppo_epochs * num_minibatches`` optimizer steps."""
-    max_new_tokens: int = 32
-    """Response length at most. A response ends at EOS or the prompt format's end-of-turn token; generation stops
-    once every row has ended (under FSDP all ranks keep stepping together until every rank is done)."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probabilities are computed at the same temperature."""
-    top_k: int = 0
-    """Top-k sampling during rollouts (0 = off); keep it off for an unbiased on-policy ratio."""
-    ppo_epochs: int = 4
-    """Passes over each rollout."""
-    num_minibatches: int = 2
-    """Minibatches per pass (``batch_size`` must be divisible by it)."""
-    clip_range: float = 0.2
-    """Policy ratio clip ε."""
-    vf_clip_range: float = 0.2
-    """Value clip around the rollout's values."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
-    ent_coef: float = 0.0
-    """Weight of the entropy bonus (0 = off)."""
-    gamma: float = 1.0
-    """Discount (1: the only real reward is at the end)."""
-    lam: float = 0.95
-    """GAE λ."""
-    kl_coef: float = 0.05
-    """β of the per-token KL penalty (initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """KL estimator of the penalty: k1 = logp - ref_logp, k3 = (r - 1) - log r."""
-    adaptive_kl: bool = False
-    """Adapt β towards ``target_kl_penalty`` (Ziegler et al. 2019)."""
-    target_kl_penalty: float = 6.0
-    """Target of the adaptive controller: KL (summed over tokens) per response."""
-    kl_horizon: int = 10000
-    """Horizon of the adaptive controller, in episodes."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses that never produce EOS (None = no penalty)."""
-    whiten_advantages: bool = True
-    """Normalise advantages over the rollout's response tokens."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
-    target_kl: float | None = None
-    """Stop the epochs of a rollout early once the approximate KL to the rollout policy exceeds this."""
-
-    def __post_init__(self):
-        checks = [
-            ("total_rollouts", self.total_rollouts >= 1, "at least 1"),
-            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
-            ("temperature", self.temperature > 0, "above 0 (log-probabilities are computed at it)"),
-            ("top_k", self.top_k >= 0, "0 (off) or more"),
-            ("ppo_epochs", self.ppo_epochs >= 1, "at least 1"),
-            ("num_minibatches", self.num_minibatches >= 1, "at least 1"),
-            ("clip_range", self.clip_range > 0, "above 0"),
-            ("vf_clip_range", self.vf_clip_range > 0, "above 0"),
-            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
-            ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
-            ("kl_coef", self.kl_coef >= 0, "0 or more"),
-            ("kl_estimator", self.kl_estimator in ("k1", "k3"), "k1 or k3"),
-            ("max_grad_norm", self.max_grad_norm > 0, "above 0"),
-            ("target_kl", self.target_kl is None or self.target_kl >= 0, "None or 0 or more"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"ppo.{name}={getattr(self, name)!r}: must be {expected}")
-
-
-@dataclass
-class LoraConfig:
-    """LoRA through peft: the reference policy becomes the base model with the adapter disabled (no second copy)."""
-
-    r: int = 16
-    """Rank."""
-    alpha: int = 32
-    """Scaling numerator (scale = alpha / r)."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters."""
-
-
-torch.serialization.add_safe_globals([PPOConfig, LoraConfig])  # in PPOModule's hyperparameters (cai.training)
 
 
 class PPOModule(HFModule):
@@ -173,7 +90,12 @@ class PPOModule(HFModule):
     ):
         super().__init__(model, optim or OptimConfig(lr=1e-6, schedule="constant"), gradient_checkpointing, hf_out)
         if (preference_model is None) == (reward_function is None):
-            raise ValueError("ppo: give exactly one of model.preference_model and model.reward_function")
+            raise UserError("ppo: give exactly one of model.preference_model and model.reward_function")
+        if prompt_format not in ("auto", "chat", "transcript"):
+            raise UserError(f"model.prompt_format={prompt_format!r}: must be auto, chat or transcript")
+        for name, value in (("log_samples_every", log_samples_every), ("log_samples", log_samples)):
+            if value < 0:
+                raise UserError(f"model.{name}={value}: must be 0 or more")
         self.save_hyperparameters()
         self.automatic_optimization = False  # a rollout then several optimizer steps per training step
         self.cfg, self.lora = ppo or PPOConfig(), lora
@@ -221,6 +143,14 @@ class PPOModule(HFModule):
                 self.frozen["pm"] = PreferenceModel.from_pretrained(self.pm_cfg)
                 self.pm_tokenizer = load_tokenizer(self.pm_cfg.tokenizer or self.pm_cfg.name_or_path, "right")
                 self.pm_format = PromptFormat(self.pm_tokenizer, self.hparams.prompt_format)
+                # The same tokenizer and layout: the preference model can read the rollout's token ids as they are
+                # (``_pm_inputs``), instead of decoded text tokenized again. Checked once, here.
+                self.pm_reads_ids = self.pm_format.kind == self.format.kind and same_tokenizer(
+                    self.tokenizer, self.pm_tokenizer
+                )
+                _, completion = self.pm_format.dialogue("hi", "XQZ7")  # what PromptFormat.text puts after a response
+                close = completion[completion.rindex("XQZ7") + 4 :]
+                self.pm_close_ids = self.pm_tokenizer(close, add_special_tokens=False)["input_ids"]
             else:
                 module, fn = self.hparams.reward_function.split(":")
                 self.reward_fn = getattr(importlib.import_module(module), fn)
@@ -253,7 +183,7 @@ class PPOModule(HFModule):
 
     # ----------------------------------------------------------------------------------------- rollout
     def _forward(self, ids, mask, n):
-        """Policy logits -> log-probs (B, n), values (B, n) and per-token entropy (B, n) of the last n tokens."""
+        """Log-probs (B, n), values (B, n) and tempered logits (B, n, V) of the last n tokens, in one pass."""
         pos = position_ids_from_mask(mask)
         logits, values = self.model(ids, mask, pos, n)  # (B, n, V), (B, n)
         logits = logits.float() / self.cfg.temperature
@@ -265,12 +195,15 @@ class PPOModule(HFModule):
         cfg, tok = self.cfg, self.tokenizer
         gen_start = time.perf_counter()
         query = tok([self.format.prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
-        q_ids, q_mask = left_pad(query, tok.pad_token_id, self.device)  # (B, P)
+        q_ids, q_mask = pad_rows(query, tok.pad_token_id, "left", self.device)  # (B, P)
         # Sharded weights are gathered in every forward call, so under FSDP all ranks step together until the last
         # rank's rows have ended (synced_gpus); DDP ranks generate independently.
         sharded = self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, DDPStrategy)
+        # TRL's layout: the log-probabilities of the sampled tokens are read off the logits generate computes anyway
+        # (PPOConfig.logprobs_from_generation), so the policy does not run over the rollout again.
+        reuse_logits = self.model.critic is not None and cfg.logprobs_from_generation
         self.model.lm.eval()
-        seq = self.model.lm.generate(
+        out = self.model.lm.generate(
             input_ids=q_ids,
             attention_mask=q_mask,
             max_new_tokens=cfg.max_new_tokens,
@@ -282,24 +215,36 @@ class PPOModule(HFModule):
             pad_token_id=tok.pad_token_id,
             use_cache=True,
             synced_gpus=sharded,
-        )  # (B, P + N); rows that ended early are padded
+            return_dict_in_generate=True,
+            output_logits=reuse_logits,  # each step's raw logits (B, V), before temperature and top-k
+        )
         self.model.lm.train()
         t_gen = time.perf_counter() - gen_start
+        seq = out.sequences  # (B, P + N); rows that ended early are padded
         resp = seq[:, q_ids.shape[1] :]  # (B, N)
         is_stop = torch.isin(resp, torch.tensor(self.stop_ids, device=resp.device))  # (B, N) EOS or end-of-turn
         after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # (B, N) strictly after the first stop token
         r_mask = (~after_stop).long()  # (B, N) response tokens up to and including the first stop token
         ids, mask = seq, torch.cat([q_mask, r_mask], 1)  # (B, P + N)
         n = resp.shape[1]
-        logp, values, _ = self._forward(ids, mask, n)  # (B, N) each
+        if reuse_logits:  # the logits that sampled each token give its log-probability; only the critic runs
+            logp = logprobs_from_logits(torch.stack(out.logits, 1), resp, cfg.temperature)  # (B, N)
+            values = self.model.values(ids, mask, position_ids_from_mask(mask), n)  # (B, N)
+        else:  # one pass of the policy gives log-probabilities and values (value head, or policy and critic)
+            logp, values, _ = self._forward(ids, mask, n)  # (B, N) each
+        del out
         if "ref" in self.frozen:
             ref_logp = last_token_logprobs(self.frozen["ref"], ids, mask, n, cfg.temperature)  # (B, N)
         else:
             with self.model.lm.disable_adapter():  # LoRA: the base weights are the reference
                 ref_logp = last_token_logprobs(self.model.lm, ids, mask, n, cfg.temperature)
-        texts = tok.batch_decode(resp * r_mask + tok.pad_token_id * (1 - r_mask), skip_special_tokens=True)
-        scores = self.score(prompts, texts)  # (B,)
         has_eos = is_stop.any(1)  # (B,) the response ended rather than ran out of tokens
+        resp = resp * r_mask + tok.pad_token_id * (1 - r_mask)  # (B, N) pad after the stop token
+        pm_ids = self._pm_inputs(q_ids, q_mask, resp, r_mask, has_eos) if "pm" in self.frozen else None
+        if pm_ids is not None:  # the preference model reads the rollout's ids: no decoding, no tokenizing
+            scores = self.frozen["pm"](*pm_ids)  # (B,)
+        else:
+            scores = self.score(prompts, self.decode(resp))  # (B,)
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
         return {
@@ -311,9 +256,36 @@ class PPOModule(HFModule):
             "values": values,
             "scores": scores,
             "has_eos": has_eos,
-            "texts": texts,
+            "resp": resp,
+            "left_pad": (1 - q_mask).sum(1),  # (B,) padding columns before each prompt
             "t_gen": t_gen,
         }
+
+    def decode(self, resp: torch.Tensor) -> list[str]:
+        """Response texts of the rollout's response ids (B, N), special tokens (the stop token) left out."""
+        return self.tokenizer.batch_decode(resp, skip_special_tokens=True)
+
+    def _pm_inputs(self, q_ids, q_mask, resp, r_mask, has_eos) -> tuple[torch.Tensor, ...] | None:
+        """The preference model's input (ids, mask, positions) built from the rollout's ids; None: use ``score``.
+
+        It reads what ``score`` would tokenize: the prompt, the response, then the end of turn that
+        ``PromptFormat.text`` writes (e.g. EOS, or ``<|im_end|>`` and a newline) in place of the stop token. That
+        needs the policy's tokenizer and prompt layout (``pm_reads_ids``, checked in ``configure_model``) and the
+        preference model's context to hold the rollout. Unlike decoding and tokenizing again, it keeps the tokens
+        the policy sampled: a response whose text tokenizes to other ids (a non-canonical split, or spaces that
+        ``score`` strips) is scored as sampled, as TRL scores it.
+        """
+        close = torch.tensor(self.pm_close_ids, device=resp.device)  # (C,) the end of turn
+        limit = getattr(self.frozen["pm"].config, "max_position_embeddings", None) or 10**9
+        if not self.pm_reads_ids or not len(close) or q_ids.shape[1] + resp.shape[1] + len(close) > limit:
+            return None
+        B, N = resp.shape
+        content = r_mask.sum(1) - has_eos.long()  # (B,) response tokens before the stop token
+        offset = torch.arange(N + len(close), device=resp.device) - content[:, None]  # (B, N + C) from the close
+        ids = torch.cat([resp, resp[:, :1].expand(B, len(close))], 1)  # (B, N + C); filler where masked
+        ids = torch.where(offset >= 0, close[offset.clamp(0, len(close) - 1)], ids)  # the close after the content
+        mask = torch.cat([q_mask, (offset < len(close)).long()], 1)  # (B, P + N + C)
+        return torch.cat([q_ids, ids], 1), mask, position_ids_from_mask(mask)
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Preference-model scores (B,) of the transcripts, or the reward function's."""
@@ -343,21 +315,26 @@ class PPOModule(HFModule):
         self._check_finite(step="rollout", scores=rollout["scores"], kl=kl_per_response)
         # 4. PPO epochs over shuffled minibatches of the rollout; one optimizer step per minibatch.
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        n_rows = mask.shape[0]
-        minibatch_size = n_rows // cfg.num_minibatches  # PPOModule.on_fit_start checks that it divides evenly
+        n_rows, n = mask.shape
         stats: dict[str, list] = {k: [] for k in ("pg", "vf", "ent", "clipfrac", "approxkl", "vf_clipfrac")}
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(n_rows, device=mask.device)
-            for start in range(0, n_rows - minibatch_size + 1, minibatch_size):
-                rows = order[start : start + minibatch_size]
-                logp, values, logits = self._forward(rollout["ids"][rows], rollout["mask"][rows], mask.shape[1])
+            minibatches = order.view(cfg.num_minibatches, -1)  # PPOModule.on_fit_start checks that it divides evenly
+            # A minibatch's longest prompt is often shorter than the rollout's: the columns that are left padding in
+            # all its rows are dropped. The same numbers up to float rounding (masked columns add nothing), less
+            # compute; one device sync per epoch reads how many.
+            skips = rollout["left_pad"][minibatches].amin(1).tolist()  # (num_minibatches,)
+            for rows, skip in zip(minibatches, skips):
+                ids, row_mask = rollout["ids"][rows, skip:], rollout["mask"][rows, skip:]  # (b, T - skip)
+                logp, values, logits = self._forward(ids, row_mask, n)  # (b, N) each, logits (b, N, V)
                 pg_loss, pg_stats = policy_loss(
                     logp, rollout["logp"][rows], advantages[rows], mask[rows], cfg.clip_range
                 )
                 vf_loss, vf_stats = value_loss(
                     values, rollout["values"][rows], returns[rows], mask[rows], cfg.vf_clip_range
                 )
-                entropy = masked_mean(entropy_from_logits(logits), mask[rows])
+                # Logged always; differentiated only when it is trained on (its backward pass reads (b, N, V) again).
+                entropy = masked_mean(entropy_from_logits(logits if cfg.ent_coef else logits.detach()), mask[rows])
                 loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                 self._check_finite(step="loss", loss=loss.detach())
                 optimizer.zero_grad(set_to_none=True)
@@ -421,7 +398,9 @@ class PPOModule(HFModule):
             return
         rows = [
             {"rollout": self.rollouts_done, "prompt": p, "response": r, "score": round(s, 4), "ended": bool(e)}
-            for p, r, s, e in zip(prompts[:k], ro["texts"][:k], ro["scores"][:k].tolist(), ro["has_eos"][:k].tolist())
+            for p, r, s, e in zip(
+                prompts[:k], self.decode(ro["resp"][:k]), ro["scores"][:k].tolist(), ro["has_eos"][:k].tolist()
+            )
         ]
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "samples.jsonl", "a", encoding="utf-8") as f:
@@ -462,10 +441,12 @@ class PPOModule(HFModule):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.rollouts_done = state["rollouts_done"]
 
-    def save_hf(self, path: str | Path) -> Path:
-        if self.lora is not None:  # merge the adapters so that the saved policy is a plain HF model
+    # ----------------------------------------------------------------------------------------- export
+    def export_module(self) -> torch.nn.Module:
+        """The policy (``HFModule.save_hf`` writes it), its LoRA adapters merged into plain weights."""
+        if self.lora is not None:
             self.model.lm = self.model.lm.merge_and_unload()
-        return super().save_hf(path)
+        return self.model.lm
 
 
 def cli_main(args: list[str] | None = None):

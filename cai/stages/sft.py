@@ -7,13 +7,16 @@ setting, and the config used is saved in the run's log folder).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from cai.training import HFModule, OptimConfig, run_cli
 from data.sft import IGNORE_INDEX, SFTDataModule
-from losses import sft_loss, sft_loss_sum
+from losses import sft_loss
+from losses.sft import chunked_sft_loss_sum
 from models import ModelConfig
+from models.errors import UserError
 
 
 class SFTModule(HFModule):
@@ -24,6 +27,8 @@ class SFTModule(HFModule):
         optim: Optimizer and schedule.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         hf_out: Where the final model is saved in Hugging Face format; default ``<log_dir>/hf``.
+        loss_chunk_size: Target tokens whose logits the training loss computes at a time (``chunked_sft_loss_sum``):
+            it holds a few ``(loss_chunk_size, vocabulary)`` float32 tensors at once (logits, log-softmax, gradient).
     """
 
     def __init__(
@@ -32,8 +37,12 @@ class SFTModule(HFModule):
         optim: OptimConfig | None = None,
         gradient_checkpointing: bool = False,
         hf_out: str | None = None,
+        loss_chunk_size: int = 128,
     ):
+        if loss_chunk_size < 1:
+            raise UserError(f"model.loss_chunk_size: must be at least 1, got {loss_chunk_size}")
         super().__init__(model, optim, gradient_checkpointing, hf_out)
+        self.loss_chunk_size = loss_chunk_size
         self.save_hyperparameters()
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
@@ -56,9 +65,40 @@ class SFTModule(HFModule):
         ).logits  # (B, K, V)
         return logits, labels[:, keep + 1]  # (B, K, V), (B, K): targets aligned with their logits
 
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss of the batch's target tokens and their count, without their (N, V) logits at once.
+
+        The network's forward selects the N positions that predict a target (``logits_to_keep`` as a mask); a
+        forward pre-hook on its head takes their final hidden states and lets the head run on no position. The head
+        then runs on chunks of them (``chunked_sft_loss_sum``). Under FSDP2 the head's weight is still gathered
+        then: the root unit (embeddings, final norm, head) keeps its parameters unsharded from its forward until the
+        end of the backward (``fully_shard``'s default for the root).
+        """
+        labels = batch["labels"]  # (B, T)
+        wanted = labels[:, 1:] != IGNORE_INDEX  # (B, T-1) position t predicts token t + 1
+        head = self.hf_model.get_output_embeddings()
+        taken: list[torch.Tensor] = []
+
+        def take_hidden(module: torch.nn.Module, args: tuple) -> tuple:
+            taken.append(args[0])  # (N, H) the final hidden states of the kept positions
+            return (args[0][:0], *args[1:])  # (0, H): no logits here
+
+        handle = head.register_forward_pre_hook(take_hidden)
+        try:
+            self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"),
+                use_cache=False,
+                logits_to_keep=F.pad(wanted, (0, 1)),  # (B, T) bool: keep position t if token t + 1 is a target
+            )
+        finally:
+            handle.remove()
+        loss_sum = chunked_sft_loss_sum(taken[0], labels[:, 1:][wanted], head, self.loss_chunk_size)  # ()
+        return loss_sum, wanted.sum()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, targets = self(batch)  # (B, K, V), (B, K)
-        loss_sum, count = sft_loss_sum(logits, targets, aligned=True)  # (), ()
+        loss_sum, count = self.loss_sum(batch)  # (), ()
         # Every target token of the global batch weighs the same, whichever rank holds it (a mean of per-rank means
         # would weigh a rank with few target tokens more): divide by the token count summed over ranks, and multiply
         # by the world size because data-parallel strategies average the ranks' gradients.

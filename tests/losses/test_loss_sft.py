@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from losses import sft_loss, sft_loss_sum
+from losses.sft import chunked_sft_loss_sum
 
 FAST = settings(max_examples=50, deadline=None)
 
@@ -118,3 +119,36 @@ def test_aligned_targets_equal_the_shifted_loss():
     labels[0, :3] = -100
     shifted = sft_loss(logits, labels)
     assert torch.allclose(sft_loss(logits[:, :-1], labels[:, 1:], aligned=True), shifted)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 256])
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_full_logits_loss_and_grads(chunk_size, head_dtype):
+    # the chunked loss from hidden states against sft_loss_sum of all the logits: same value, same gradients
+    gen = torch.Generator().manual_seed(chunk_size)
+    hidden = torch.randn(2, 7, 5, generator=gen)  # (B, T, H)
+    head = torch.nn.Linear(5, 11, bias=False).to(head_dtype)
+    labels = torch.randint(0, 11, (2, 7), generator=gen)
+    labels[0, :3] = -100  # prompt
+    labels[1, 5:] = -100  # padding
+    h_full = hidden.to(head_dtype).requires_grad_()
+    full_sum, count = sft_loss_sum(head(h_full), labels)
+    (g_h_full, g_w_full) = torch.autograd.grad(full_sum, (h_full, head.weight))
+
+    h = hidden.to(head_dtype).requires_grad_()
+    wanted = labels[:, 1:] != -100  # (B, T-1)
+    got = chunked_sft_loss_sum(h[:, :-1][wanted], labels[:, 1:][wanted], head, chunk_size)
+    (g_h, g_w) = torch.autograd.grad(got, (h, head.weight))
+    assert got.dtype == torch.float32 and count.item() == int(wanted.sum()) == 8
+    torch.testing.assert_close(got, full_sum, rtol=1e-6, atol=1e-5)
+    # bfloat16 weights: the head's gradient is summed over chunks in bfloat16 (the full product rounds once)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if head_dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(g_h, g_h_full, **tol)
+    torch.testing.assert_close(g_w, g_w_full, **tol)
+
+
+def test_chunked_loss_without_targets_is_zero_with_grad():
+    head = torch.nn.Linear(4, 6)
+    got = chunked_sft_loss_sum(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), head, 2)
+    got.backward()
+    assert got.item() == 0.0 and torch.equal(head.weight.grad, torch.zeros_like(head.weight))
