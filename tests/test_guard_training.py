@@ -8,6 +8,7 @@ catches.
 
 from __future__ import annotations
 
+import pytest
 from test_pm import pm_args, synthetic_pairs
 from test_ppo import ppo_args
 
@@ -20,6 +21,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+@pytest.mark.slow  # two PPO runs (5 s): kept out of make test-fast's minute
 def test_kl_penalty_keeps_the_policy_near_the_reference(tiny_model_dir, tmp_path):
     # Catches: the -β·KL reward not applied (β ignored, or the KL computed against the moving policy instead of the
     # frozen reference), or applied with the wrong sign: the penalised run would drift as far as the free one.

@@ -135,6 +135,7 @@ def test_label_settings_are_run_s_arguments_and_are_checked():
             LabelSettings(**({"policy": ModelConfig("m")} | kwargs))
 
 
+@pytest.mark.slow  # a subprocess killed mid-run (make test-fast runs no subprocesses)
 def test_label_resumes_after_kill(tiny_model_dir, tmp_path):
     cfg = {
         "out": str(tmp_path / "lab"),

@@ -36,6 +36,7 @@ def pm_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 40 rollouts (5 s): kept out of make test-fast's minute
 def test_ppo_learns_a_synthetic_reward(tiny_model_dir, tmp_path):
     cli = cli_main(ppo_args(tiny_model_dir, tmp_path, 40, "--model.optim.lr", "3e-3", "--model.ppo.ppo_epochs", "4"))
     module = cli.model

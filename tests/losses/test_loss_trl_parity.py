@@ -278,4 +278,10 @@ def test_score_placement_differs_from_trl_only_off_gamma_lam_one(seed, b, t):
     response = ~roll.padding_mask
     rewards, _ = per_token_rewards(x.scores, x.logprobs, x.ref_logprobs, response, 0.1)
     advantages, _ = gae(rewards, x.values, response, gamma=1.0, lam=1.0)
-    torch.testing.assert_close(masked_whiten(advantages, response), roll.advantages, **TOL_WHITE)
+    # As above: whitening divides float error by the advantages' spread, so the tolerance grows where it is small
+    # (hypothesis found a case at 6.6e-5 with a fixed 1e-5).
+    spread = masked_var(advantages, response, True).sqrt().item()
+    scale = max(1.0, 0.1 / max(spread, 1e-12))
+    torch.testing.assert_close(
+        masked_whiten(advantages, response), roll.advantages, rtol=TOL_WHITE["rtol"], atol=TOL_WHITE["atol"] * scale
+    )
