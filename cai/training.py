@@ -198,6 +198,24 @@ class HFModule(L.LightningModule):
 
             strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(set(decoder_layer_classes(self.model)))
 
+    def on_fit_start(self) -> None:
+        self._keep_metrics_float32()
+
+    def on_validation_start(self) -> None:
+        self._keep_metrics_float32()
+
+    def _keep_metrics_float32(self) -> None:
+        """Undo ``bf16-true``'s cast of the torchmetrics states: running means and sums in bfloat16 stop growing.
+
+        ``SoftCalibrationError`` keeps its own float64 sums whatever it is cast to.
+        """
+        from torchmetrics import Metric
+
+        for metric in self.modules():
+            states = metric.metric_state.values() if isinstance(metric, Metric) else ()
+            if states and all(isinstance(s, torch.Tensor) and s.is_floating_point() for s in states):
+                metric.set_dtype(torch.float32)  # counts (integer states) were never cast and stay as they are
+
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Step, then free the gradients at once (as ``transformers.Trainer`` does) rather than after the next forward.
 

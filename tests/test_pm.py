@@ -218,3 +218,15 @@ def test_score_texts_batches_and_keeps_the_end_of_long_texts(tiny_model_dir):
         alone = pm(**{k: v for k, v in tok(["short one"], return_tensors="pt").items() if k != "token_type_ids"})
     torch.testing.assert_close(scores[1:2], end, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scores[:1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_true_validation_keeps_metric_sums_in_full_precision(tiny_model_dir, tmp_path):
+    # Catches: bf16-true casting the validation metrics' running sums with the module (means in bfloat16, calibration
+    # counts stuck at 256, or the crash in index_add_ this once caused); HFModule._keep_metrics_float32.
+    train = synthetic_pairs(tmp_path / "train.jsonl", 32, 0, lambda r: 0.8)
+    val = synthetic_pairs(tmp_path / "val.jsonl", 300, 1, lambda r: 0.8)
+    cli = cli_main(pm_args(tiny_model_dir, train, val, tmp_path, 2, "--trainer.precision", "bf16-true"))
+    module = cli.model
+    assert "val/calibration_error" in cli.trainer.callback_metrics  # validation ran to the end
+    assert module.val_calibration.count.dtype == torch.float64
+    assert module.val_loss.mean_value.dtype == torch.float32 and module.val_margin.weight.dtype == torch.float32

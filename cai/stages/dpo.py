@@ -196,20 +196,10 @@ class DPOModule(HFModule):
         A resumed run holds trained weights by now: it reads the cache, and if there is none it loads the starting
         weights rather than compute the reference with trained ones.
         """
-        self._keep_metric_precision()
+        super().on_fit_start()
         if self._reference_pending:
             self._reference_pending = False
             self._add_reference(use_policy=self.trainer.ckpt_path is None)
-
-    def on_validation_start(self) -> None:
-        self._keep_metric_precision()
-
-    def _keep_metric_precision(self) -> None:
-        """Undo ``bf16-true``'s cast of the metrics' running sums (the calibration bins hold float64 counts)."""
-        self.train_ece.set_dtype(torch.float64)
-        self.val_ece.set_dtype(torch.float64)
-        for metric in self.val_means.values():
-            metric.set_dtype(torch.float32)
 
     # ----------------------------------------------------------------------------------------- steps
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,6 +158,7 @@ class PPOModule(HFModule):
                 net.requires_grad_(False).eval()
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         batch = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("batch_size")
         if batch is not None and (batch % self.cfg.num_minibatches or batch < self.cfg.num_minibatches):
             raise UserError(
