@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from models import ModelConfig, load_model, load_tokenizer
 from models.errors import UserError, check_output_dir
+from models.loading import enable_activation_checkpointing
 
 
 @dataclass
@@ -184,7 +185,7 @@ class HFModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; dropout is off anyway (models.load_model)
         if self.gradient_checkpointing:
             hf = self.hf_model
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(hf)
             hf.config.use_cache = False
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ModelParallelStrategy):

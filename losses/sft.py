@@ -79,7 +79,10 @@ def _chunk_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[
 
 
 def chunked_sft_loss_sum(
-    hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 256
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int | None = 256,
 ) -> torch.Tensor:
     """``sft_loss_sum`` from the hidden states of the target positions, never holding all their logits at once.
 
@@ -93,11 +96,14 @@ def chunked_sft_loss_sum(
         hidden: ``(N, H)`` final hidden states of the positions that predict a target.
         targets: ``(N,)`` the target token of each position (no ``ignore_index`` needed: select positions instead).
         head: the output projection, ``(n, H) -> (n, V)`` logits (e.g. the model's ``lm_head`` module).
-        chunk_size: positions per chunk.
+        chunk_size: positions per chunk; ``None``: all ``N`` at once, no recomputation, the ``(N, V)`` logits kept for
+            the backward (what TRL and ``transformers`` do; more memory, one head pass fewer).
 
     Returns:
         Float32 scalar sum of the per-token losses (``0``, connected to ``head``, when ``N == 0``).
     """
+    if chunk_size is None:
+        return _chunk_nll_sum(hidden, targets, head)  # () from (N, V) float32 logits
     parts = [
         checkpoint(_chunk_nll_sum, hidden[i : i + chunk_size], targets[i : i + chunk_size], head, use_reentrant=False)
         for i in range(0, max(hidden.shape[0], 1), chunk_size)  # one empty chunk when N == 0: 0 with a graph

@@ -356,3 +356,15 @@ def same_tokenizer(a, b) -> bool:
 
     first = definition(a)
     return first is not None and first == definition(b)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Turn on non-reentrant activation (gradient) checkpointing, whatever the transformers release calls it.
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
+    warns); 5.17, the release on the GPU image, has only the old name.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

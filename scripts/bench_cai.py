@@ -87,7 +87,12 @@ def run_sft_cai(spec: dict) -> dict:
     from data.sft import SFTDataModule
 
     timer = WindowTimer(spec["warmup"], spec["steps"])
-    module = SFTModule(cai_model_config(spec), _cai_optim(spec), hf_out=os.path.join(spec["tmp"], "hf"))
+    module = SFTModule(
+        cai_model_config(spec),
+        _cai_optim(spec),
+        hf_out=os.path.join(spec["tmp"], "hf"),
+        loss_chunk_size=spec.get("loss_chunk_size", 128),
+    )
     data = SFTDataModule(
         train=spec["data"]["sft_cai"],
         val=spec["data"]["sft_cai"],  # no hold-out: validation is off (limit_val_batches=0)
@@ -112,7 +117,7 @@ def run_rm_cai(spec: dict) -> dict:
         cai_model_config(spec),
         _cai_optim(spec),
         hf_out=os.path.join(spec["tmp"], "hf"),
-        share_prompt=spec.get("share_prompt", True),
+        share_prompt=spec.get("share_prompt"),
     )
     data = PreferenceDataModule(
         train=spec["data"]["rm_cai"],
@@ -149,7 +154,7 @@ def run_dpo_cai(spec: dict) -> dict:
         cai_model_config(spec),
         dpo=DPOConfig(beta=spec["dpo_beta"], labels="hard"),
         optim=_cai_optim(spec),
-        share_prompt=spec.get("share_prompt", True),
+        share_prompt=spec.get("share_prompt"),
         hf_out=os.path.join(spec["tmp"], "hf"),
     )
     data = DPODataModule(

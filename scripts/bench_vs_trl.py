@@ -213,10 +213,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "its default value head on the policy",
     )
     ap.add_argument(
-        "--no_share_prompt",
-        action="store_true",
-        help="reward model and DPO: this project runs both whole texts of a pair (share_prompt=False), for the "
-        "ablation",
+        "--share_prompt",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="reward model and DPO: this project runs each pair's prompt once (on) or both whole texts (off); auto, "
+        "the stages' default, is on for a CPU and off for a GPU (models.sequence_logprobs.share_prompt_on)",
     )
     ap.add_argument(
         "--model_dir",
@@ -230,6 +231,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--hhh", help="smollm2: reward-model pairs from HHH comparisons (default ../shared/anthropic-cai's 438)"
+    )
+    ap.add_argument(
+        "--loss_chunk_size",
+        type=int,
+        default=128,
+        help="SFT: target positions per chunk of this project's loss (its default, 128); 0: no chunks, the logits "
+        "kept for the backward as TRL does",
     )
     ap.add_argument("--layers", type=int, help="decoder layers of the model (preset default), e.g. to fit a device")
     ap.add_argument(
@@ -336,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
             "peak_tflops": args.peak_tflops if args.peak_tflops is not None else (989.0 if device == "cuda" else None),
             "threads": threads,
             "parity_stages": [s.name for s in stages if not s.pending],
-            "share_prompt": not args.no_share_prompt,
+            "share_prompt": {"auto": None, "on": True, "off": False}[args.share_prompt],
+            "loss_chunk_size": args.loss_chunk_size or None,
             "parity_tol": 1e-5 if device == "cpu" else 1e-4,
         }
         spec_path = tmp / "spec.json"
@@ -362,8 +371,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         if notes:
             header += "; real text, rows in file order in both systems: " + "; ".join(notes)
-        if "rm" in names and args.no_share_prompt:
-            header += "; reward model: this project without the shared prompt (share_prompt=False)"
+        if "sft" in names and args.loss_chunk_size != 128:
+            header += f"; SFT: this project's loss_chunk_size {args.loss_chunk_size or 'null (no chunks)'}"
+        if {"rm", "dpo", "dpo_precompute"} & set(names):
+            on = args.share_prompt == "on" or (args.share_prompt == "auto" and device == "cpu")
+            header += f"; reward model and DPO: this project {'with' if on else 'without'} the shared prompt"
         print(f"{header}; set-up {time.perf_counter() - t0:.1f}s; work dir {tmp}", flush=True)
         results, discarded = measure(stages, args, spec_path, tmp, max_other)
         parity = run_worker("parity", spec_path, tmp / "parity.log") if spec["parity_stages"] else {}

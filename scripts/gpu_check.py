@@ -1,17 +1,23 @@
 """The GPU check: what no CPU can show, in one short run that writes one Markdown file.
 
-Sections (each writes its part of the file as soon as it ends, so a run cut short keeps what it measured):
+Sections (each writes its part of the file as soon as it ends, so a run cut short keeps what it measured; each has
+its own time limit, ``TIMEOUTS``):
 
-* ``bench``: ``bench_vs_trl.py --preset 0.5b`` (one repeat): SFT, reward model and PPO against TRL on a random
-  Qwen2.5-0.5B-shaped model in bf16, with SFT's model FLOPs utilisation;
+* ``pipeline``: ``configs/pipeline/qwen2.5-0.5b_1gpu.yaml`` shortened to a few steps per stage, with both RL stages
+  (``rl: both``: PPO and DPO), on the random weights and the built-in prompts (no hub), end to end;
+* ``bench``: ``bench_vs_trl.py --preset 0.5b`` (one repeat, shortened): SFT, reward model and PPO against TRL on a
+  random Qwen2.5-0.5B-shaped model in bf16, with SFT's model FLOPs utilisation;
+* ``variants``: the same bench for SFT and the reward model with the settings the first GPU run questioned: SFT's
+  loss without chunks (``loss_chunk_size: null``) and the reward model with the shared prompt forced on;
 * ``ppo``: ``cai ppo fit`` under FSDP2 (``ModelParallelStrategy``) in ``bf16-true`` on the same model against a
   preference model started from it: seconds per rollout, peak memory, and the first rollout's KL (0 exactly: the
   policy starts as the reference, so anything else is a numerics or sharding bug);
 * ``attention``: forward and backward of that model with ``sdpa``, ``eager`` and ``flash_attention_2`` (when
   ``flash-attn`` is installed; it is source-only and needs CUDA): tokens per second, peak memory and the largest
-  logit difference from ``sdpa``;
-* ``pipeline``: ``configs/pipeline/qwen2.5-0.5b_1gpu.yaml`` shortened to a few steps per stage, with both RL stages
-  (``rl: both``: PPO and DPO), on the random weights and the built-in prompts (no hub), end to end.
+  logit difference from ``sdpa``.
+
+The device allows 10 minutes per call and 15 per session, so the GPU run is two calls (docs/BENCHMARKS.md, "Running
+the GPU check"): ``--sections pipeline,bench`` then ``--sections variants,ppo,attention``.
 
 ``--cpu-smoke`` runs the same code at tiny sizes on the CPU (CI runs it, so the script cannot rot unseen).
 
@@ -37,7 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))  # bench_lib and bench_presets beside this file
 from bench_presets import QWEN2_05B  # noqa: E402
 
-SECTIONS = ("bench", "ppo", "attention", "pipeline")
+SECTIONS = ("pipeline", "bench", "variants", "ppo", "attention")
+TIMEOUTS = {"pipeline": 300, "bench": 300, "variants": 200, "ppo": 150, "attention": 90}
+"""Seconds allowed to each section's run on a GPU. Measured on an H200 (2026-11-30): pipeline reached its PM stage in
+107 s; the bench's set-up, SFT and reward model took 26 + 58 + 75 s at 20 timed steps (now 10); ``ppo`` 58 s;
+``attention`` 12 s."""
 
 
 @dataclass
@@ -56,6 +66,8 @@ class Sizes:
     """Lightning accelerator of every run."""
     bench_args: list[str]
     """Arguments of ``bench_vs_trl.py``."""
+    ppo_lr: float
+    """Learning rate of the FSDP2 PPO run (a real model's PPO rate on the GPU, so its KL stays meaningful)."""
     ppo_strategy: str
     """Strategy config of the FSDP2 PPO run."""
     ppo: dict = field(default_factory=dict)
@@ -72,7 +84,21 @@ GPU = Sizes(
     overrides=QWEN2_05B,
     vocab_size=151936,
     accelerator="gpu",
-    bench_args=["--preset", "0.5b", "--repeats", "1"],
+    bench_args=[
+        "--preset",
+        "0.5b",
+        "--repeats",
+        "1",
+        "--steps",
+        "10",
+        "--warmup",
+        "3",
+        "--ppo_steps",
+        "3",
+        "--ppo_warmup",
+        "1",
+    ],  # fmt: skip
+    ppo_lr=1e-6,
     ppo_strategy="configs/strategies/fsdp2_gpu.yaml",
     ppo=dict(total_rollouts=4, max_new_tokens=64, batch_size=16),
     attention=dict(batch=4, seq=2048),
@@ -102,6 +128,7 @@ CPU_SMOKE = Sizes(
         "--retries",
         "0",
     ],  # fmt: skip
+    ppo_lr=1e-4,
     ppo_strategy="configs/strategies/fsdp2_cpu.yaml",
     ppo=dict(total_rollouts=2, max_new_tokens=8, batch_size=4),
     attention=dict(batch=2, seq=64),
@@ -177,6 +204,23 @@ def section_bench(work: Path, sizes: Sizes, timeout: int) -> str:
     return f"`bench_vs_trl.py {' '.join(sizes.bench_args)}` ({secs:.0f} s)\n\n{out.read_text()}"
 
 
+VARIANT_ARGS = ["--stages", "sft,rm", "--loss_chunk_size", "0", "--share_prompt", "on"]
+
+
+def section_variants(work: Path, sizes: Sizes, timeout: int) -> str:
+    """SFT without loss chunks and the reward model with the shared prompt: compare with ``bench``'s rows."""
+    out, log = work / "variants.md", work / "variants.log"
+    args = [*sizes.bench_args, *VARIANT_ARGS, "--out", str(out)]
+    rc, secs = run([sys.executable, "scripts/bench_vs_trl.py", *args], log, timeout)
+    if rc or not out.exists():
+        return failed("bench_vs_trl.py (variants)", rc, log)
+    return (
+        f"`bench_vs_trl.py {' '.join(args[:-2])}` ({secs:.0f} s). Against the `bench` section's rows: SFT's loss "
+        "without chunks (more memory, no second head pass) and the reward model with each pair's prompt run once "
+        f"(the GPU default is off).\n\n{out.read_text()}"
+    )
+
+
 def _yaml(path: Path, data: dict) -> Path:
     import yaml
 
@@ -219,6 +263,7 @@ def section_ppo(work: Path, sizes: Sizes, timeout: int) -> str:
     cfg["model"]["model"]["name_or_path"] = str(model)
     cfg["model"]["preference_model"]["name_or_path"] = str(pm)
     cfg["model"]["hf_out"] = None
+    cfg["model"]["optim"]["lr"] = sizes.ppo_lr
     config = _yaml(work / "ppo.yaml", cfg)
     log = work / "ppo.log"
     rc, secs = run([sys.executable, "-m", "cai", "ppo", "fit", "--config", str(config)], log, timeout)
@@ -233,6 +278,7 @@ def section_ppo(work: Path, sizes: Sizes, timeout: int) -> str:
         f"| strategy, precision | `{sizes.ppo_strategy}`, bf16-true |",
         f"| rollouts x prompts x new tokens | {sizes.ppo['total_rollouts']} x {sizes.ppo['batch_size']} x "
         f"{sizes.ppo['max_new_tokens']} |",
+        f"| learning rate | {sizes.ppo_lr:g} |",
         f"| wall time (process start to end) | {secs:.1f} s |",
         f"| first rollout KL (must be 0) | {kl[0]:.3g} |",
         f"| last rollout KL | {kl[-1]:.3g} |",
@@ -351,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (CI)")
     ap.add_argument("--out", default="gpu_check.md", help="the Markdown file of results")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds allowed to each section's run")
+    ap.add_argument("--timeout", type=int, help="seconds allowed to every section's run (default: TIMEOUTS)")
     ap.add_argument("--work", help="folder for models and runs (default: a temporary folder, removed at the end)")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
@@ -369,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in sections:
             t = time.perf_counter()
             try:
-                body = globals()[f"section_{name}"](work, sizes, args.timeout)
+                timeout = args.timeout or (TIMEOUTS[name] if not args.cpu_smoke else 600)
+                body = globals()[f"section_{name}"](work, sizes, timeout)
             except Exception as err:  # one section's failure must not lose the others' figures
                 body = f"**failed**: {type(err).__name__}: {err}"
             report.add(f"{name} ({time.perf_counter() - t:.0f} s)", body)

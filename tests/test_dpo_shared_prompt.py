@@ -5,6 +5,7 @@ import torch
 
 from data.dpo import DPOCollator
 from models import ModelConfig, load_model, load_tokenizer
+from models.loading import enable_activation_checkpointing
 from models.sequence_logprobs import can_share_prompt, pair_logprobs
 from models.tiny import ARCHITECTURES, TinyModelConfig, make_tiny_model
 
@@ -78,5 +79,5 @@ def test_shared_prompt_gives_the_whole_text_logps_and_gradients(arch_dir):
 def test_gradient_checkpointing_turns_sharing_off(tiny_model_dir):
     model = load_model(ModelConfig(str(tiny_model_dir)))
     assert can_share_prompt(model, 10)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     assert not can_share_prompt(model, 10)

@@ -24,12 +24,18 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
-    for section in ("bench", "ppo", "attention", "pipeline"):
+    for section in ("pipeline", "bench", "variants", "ppo", "attention"):
         assert re.search(rf"^## {section} \(\d+ s\)$", text, re.M), f"section {section} missing:\n{text}"
     assert "failed" not in text
     # The benchmark table has all three stages with a measured ratio each.
     for stage in ("SFT", "reward model", "PPO"):
         assert re.search(rf"^\| {stage}.*\*\*\d+\.\d+x\*\*", text, re.M), stage
+    # The variants section measured SFT without loss chunks and the reward model with the shared prompt.
+    variants = text.split("## variants", 1)[1].split("\n## ", 1)[0]
+    assert "SFT: this project's loss_chunk_size null (no chunks)" in variants
+    assert "reward model and DPO: this project with the shared prompt" in variants
+    for stage in ("SFT", "reward model"):
+        assert re.search(rf"^\| {stage}.*\*\*\d+\.\d+x\*\*", variants, re.M), stage
     # FSDP2 + bf16-true PPO: the policy starts as the reference, so the first rollout's KL is exactly 0.
     assert re.search(r"^\| first rollout KL \(must be 0\) \| 0 \|$", text, re.M), text
     # Attention kernels agree with sdpa (fp32 on a CPU).

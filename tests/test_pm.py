@@ -81,6 +81,20 @@ def test_calibration_sums_stay_float64_when_the_module_is_cast_to_bf16():
     assert m.ece.compute().item() == pytest.approx(0.25)
 
 
+def test_calibration_sums_stay_on_their_device_when_the_dtype_is_reset():
+    # Catches: HFModule's set_dtype(float32) at the start of validation sending the sums back to the CPU while the
+    # module is on a GPU (seen on an H200: "Encountered different devices in metric calculation"). The meta device
+    # stands in for the GPU: any device other than the CPU shows the move.
+    m = torch.nn.Module()
+    m.ece = SoftCalibrationError(n_bins=2)
+    m.to("meta")
+    m.ece.set_dtype(torch.float32)
+    for name in ("pred_sum", "label_sum", "count"):
+        assert getattr(m.ece, name).device.type == "meta", name
+        assert m.ece._defaults[name].device.type == "meta", name
+        assert getattr(m.ece, name).dtype == torch.float64, name
+
+
 def test_pair_tokenization_and_collation(tiny_tokenizer):
     ex = tokenize_pair(
         {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "p_chosen": 0.7},

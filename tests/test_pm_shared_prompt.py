@@ -9,6 +9,7 @@ from data.formats import PromptFormat
 from data.preference import PreferenceCollator, join_pairs, shared_prefix_length, tokenize_pair
 from models import ModelConfig, load_tokenizer
 from models.heads import PreferenceModel
+from models.loading import enable_activation_checkpointing
 from models.tiny import ARCHITECTURES, TinyModelConfig, make_tiny_model
 
 PAIRS = [  # prompts of different lengths, so the prompt block is left-padded; responses of different lengths
@@ -125,9 +126,9 @@ def test_shared_prompt_gives_the_whole_text_rewards_and_gradients(arch_dir):
 def test_no_sharing_under_gradient_checkpointing_or_past_a_sliding_window(tiny_model_dir):
     pm = PreferenceModel.from_pretrained(ModelConfig(str(tiny_model_dir), dtype="float32"))
     assert pm.can_share_prompt(4096)
-    pm.backbone.activation_checkpointing_enable()
+    enable_activation_checkpointing(pm.backbone)
     assert not pm.can_share_prompt(8)
-    pm.backbone.activation_checkpointing_disable()
+    pm.backbone.gradient_checkpointing_disable()
     pm.config.sliding_window = 16
     assert pm.can_share_prompt(16) and not pm.can_share_prompt(17)
     tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
@@ -168,3 +169,21 @@ def test_prefix_cap_trades_a_long_prefix_for_less_padding():
     # whole texts: 4 * 22 = 88; sharing at most 2 tokens: 2*2 + 4*20 = 84.
     assert PreferenceCollator.prefix_cap([(22, 22), (22, 22)], [20, 2]) == 2
     assert PreferenceCollator.prefix_cap([(22, 22), (22, 22)], [20, 20]) == 20  # equal prefixes: share them all
+
+
+def test_share_prompt_default_is_on_for_a_cpu_and_off_on_a_gpu(tiny_model_dir, monkeypatch):
+    # Catches: the stages forcing the shared prompt on a GPU, where it measured 2x slower (docs/BENCHMARKS.md), or
+    # losing it on the CPU, where it is the reward model's main gain.
+    from cai.stages.pm import PreferenceModule
+    from models.sequence_logprobs import share_prompt_on
+
+    assert share_prompt_on(None, torch.device("cpu")) and not share_prompt_on(None, torch.device("cuda"))
+    assert share_prompt_on(True, torch.device("cuda")) and not share_prompt_on(False, torch.device("cpu"))
+    module = PreferenceModule(ModelConfig(str(tiny_model_dir)))
+    assert module.share_prompt is None
+    module.configure_model()
+    seen = []
+    monkeypatch.setattr(module.model, "forward_pairs", lambda *args: seen.append(args[4]) or (torch.zeros(1),) * 2)
+    batch = {k: torch.zeros(1, 1) for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "p_chosen")}
+    module._step({**batch, "width": 2})
+    assert seen == [True]  # on the CPU

@@ -173,8 +173,8 @@ def test_module_loss_on_kept_positions_equals_full_logits_loss(tiny_model_dir, t
     torch.testing.assert_close(sft_loss(logits, targets, aligned=True), sft_loss(full, batch["labels"]))
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_chunked_training_loss_equals_full_logits_loss_and_grads(tiny_model_dir, tiny_tokenizer, packing):
+@pytest.mark.parametrize("packing,chunk", [(False, 3), (True, 3), (False, None)])
+def test_chunked_training_loss_equals_full_logits_loss_and_grads(tiny_model_dir, tiny_tokenizer, packing, chunk):
     from losses import sft_loss_sum
 
     tok = load_tokenizer(tiny_tokenizer.name_or_path, padding_side="right")
@@ -183,7 +183,7 @@ def test_chunked_training_loss_equals_full_logits_loss_and_grads(tiny_model_dir,
         for p, c in [("a?", "b."), ("A longer question here?", "A longer answer."), ("q", "r s t")]
     ]
     batch = SFTCollator(tok.pad_token_id, packing=packing)(examples)
-    module = SFTModule(ModelConfig(str(tiny_model_dir)), loss_chunk_size=3)  # several chunks
+    module = SFTModule(ModelConfig(str(tiny_model_dir)), loss_chunk_size=chunk)  # 3: several chunks
     module.configure_model()
     params = [p for p in module.model.parameters() if p.requires_grad]
     got_sum, got_count = module.loss_sum(batch)

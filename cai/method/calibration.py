@@ -28,11 +28,13 @@ class SoftCalibrationError(Metric):
         """Move the running sums with the module, but keep them float64.
 
         ``bf16-true`` casts the whole module with ``.to(torch.bfloat16)``, metric states included; bin counts in
-        bfloat16 stop growing at 256. Only the device of ``fn``'s result is taken over.
+        bfloat16 stop growing at 256. Only the device of ``fn``'s result is taken over; the probe starts on the sums'
+        own device, so a dtype-only ``fn`` (``set_dtype``) leaves them where they are (a CPU probe once sent them
+        back to the CPU in the middle of a GPU run).
         """
         sums = ("pred_sum", "label_sum", "count")
         this = super()._apply(fn, exclude_state=(*sums, *exclude_state))
-        device = fn(torch.zeros(())).device
+        device = fn(torch.zeros((), device=self.pred_sum.device)).device
         for name in sums:
             this._defaults[name] = this._defaults[name].to(device)
             setattr(this, name, getattr(this, name).to(device))

@@ -29,7 +29,7 @@ from losses import dpo_implicit_rewards, dpo_loss
 from models import ModelConfig, load_model
 from models.errors import UserError, check_positive
 from models.loading import resolve_model_source
-from models.sequence_logprobs import is_sharded, pair_logprobs
+from models.sequence_logprobs import is_sharded, pair_logprobs, share_prompt_on
 
 
 @dataclass
@@ -102,7 +102,8 @@ class DPOModule(HFModule):
         optim: Optimizer and schedule (default: AdamW at 1e-6, a common DPO rate for real models).
         share_prompt: Run each pair's prompt once and both responses after its KV cache instead of two whole texts.
             Same result, less compute; it turns itself off where it cannot work (gradient checkpointing, FSDP,
-            past a sliding window: ``models.sequence_logprobs.can_share_prompt``).
+            past a sliding window: ``models.sequence_logprobs.can_share_prompt``). ``null`` (the default): on a
+            CPU, off on a GPU, where the preference model measured 2x slower with it (``share_prompt_on``).
         ref_batch_size: Pairs per forward pass of the reference model.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         hf_out: Where the final policy is saved in Hugging Face format; default ``<log_dir>/hf``.
@@ -114,7 +115,7 @@ class DPOModule(HFModule):
         reference: ModelConfig | None = None,
         dpo: DPOConfig | None = None,
         optim: OptimConfig | None = None,
-        share_prompt: bool = True,
+        share_prompt: bool | None = None,
         ref_batch_size: int = 8,
         gradient_checkpointing: bool = False,
         hf_out: str | None = None,
@@ -181,7 +182,7 @@ class DPOModule(HFModule):
             training = net.training
             net.eval()
             try:
-                return reference_logps(net, ds, dm.collator(), self.ref_batch_size, plugin, min_batches=batches)
+                return reference_logps(net, ds, dm.collator(), self.ref_batch_size, plugin, batches, self.share_prompt)
             finally:
                 net.train(training)
 
@@ -210,7 +211,7 @@ class DPOModule(HFModule):
             batch["prompt_mask"],
             batch["response_ids"],
             batch["response_mask"],
-            self.share_prompt,
+            share_prompt_on(self.share_prompt, self.device),
             batch.get("width"),
         )
 
@@ -265,11 +266,18 @@ class DPOModule(HFModule):
 
 @torch.no_grad()
 def reference_logps(
-    model, ds, collate: DPOCollator, batch_size: int, precision_plugin=None, min_batches: int = 0
+    model,
+    ds,
+    collate: DPOCollator,
+    batch_size: int,
+    precision_plugin=None,
+    min_batches: int = 0,
+    share_prompt: bool | None = None,
 ) -> list[tuple[float, float]]:
     """(chosen, rejected) sequence log-probs of every row of ``ds`` under ``model``, in the rows' order.
 
-    Rows are batched by length (less padding); each prompt runs once (``pair_logprobs``). ``precision_plugin``:
+    Rows are batched by length (less padding); each prompt runs once (``pair_logprobs``) where ``share_prompt``
+    says so (``share_prompt_on``: by default on a CPU only). ``precision_plugin``:
     the trainer's, so that the reference runs in the precision the policy trains in (autocast under ``*-mixed``).
     ``min_batches``: forward passes to run at least (the last batch again, results unused), so that the ranks of a
     sharded model, each with its own share of rows, run the same number of collective forwards.
@@ -295,7 +303,7 @@ def reference_logps(
                 tensors["prompt_mask"],
                 tensors["response_ids"],
                 tensors["response_mask"],
-                True,
+                share_prompt_on(share_prompt, device),
                 batch["width"],
             )
             if n < len(batches):

@@ -28,7 +28,9 @@ class SFTModule(HFModule):
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         hf_out: Where the final model is saved in Hugging Face format; default ``<log_dir>/hf``.
         loss_chunk_size: Target tokens whose logits the training loss computes at a time (``chunked_sft_loss_sum``):
-            it holds a few ``(loss_chunk_size, vocabulary)`` float32 tensors at once (logits, log-softmax, gradient).
+            it holds a few ``(loss_chunk_size, vocabulary)`` float32 tensors at once (logits, log-softmax, gradient),
+            and its backward runs the head again. ``null``: all of them at once, kept for the backward, as TRL does
+            (more memory, no second head pass).
     """
 
     def __init__(
@@ -37,10 +39,10 @@ class SFTModule(HFModule):
         optim: OptimConfig | None = None,
         gradient_checkpointing: bool = False,
         hf_out: str | None = None,
-        loss_chunk_size: int = 128,
+        loss_chunk_size: int | None = 128,
     ):
-        if loss_chunk_size < 1:
-            raise UserError(f"model.loss_chunk_size: must be at least 1, got {loss_chunk_size}")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise UserError(f"model.loss_chunk_size: must be at least 1 (or null: no chunks), got {loss_chunk_size}")
         super().__init__(model, optim, gradient_checkpointing, hf_out)
         self.loss_chunk_size = loss_chunk_size
         self.save_hyperparameters()
@@ -68,20 +70,22 @@ class SFTModule(HFModule):
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss of the batch's target tokens and their count, without their (N, V) logits at once.
 
-        The network's forward selects the N positions that predict a target (``logits_to_keep`` as a mask); a
-        forward pre-hook on its head takes their final hidden states and lets the head run on no position. The head
-        then runs on chunks of them (``chunked_sft_loss_sum``). Under FSDP2 the head's weight is still gathered
+        A forward pre-hook on the network's head takes the final hidden states of the N positions that predict a
+        target and lets the head run on no position; the head then runs on chunks of them (``chunked_sft_loss_sum``).
+        The hook selects the positions itself rather than passing a boolean ``logits_to_keep`` mask, which only
+        recent transformers releases accept (5.17 does not). Under FSDP2 the head's weight is still gathered
         then: the root unit (embeddings, final norm, head) keeps its parameters unsharded from its forward until the
         end of the backward (``fully_shard``'s default for the root).
         """
         labels = batch["labels"]  # (B, T)
         wanted = labels[:, 1:] != IGNORE_INDEX  # (B, T-1) position t predicts token t + 1
+        keep = F.pad(wanted, (0, 1))  # (B, T) bool: keep position t if token t + 1 is a target
         head = self.hf_model.get_output_embeddings()
         taken: list[torch.Tensor] = []
 
         def take_hidden(module: torch.nn.Module, args: tuple) -> tuple:
-            taken.append(args[0])  # (N, H) the final hidden states of the kept positions
-            return (args[0][:0], *args[1:])  # (0, H): no logits here
+            taken.append(args[0][keep])  # (B, T, H) -> (N, H) the final hidden states of the kept positions
+            return (args[0][:, :0], *args[1:])  # (B, 0, H): no logits here
 
         handle = head.register_forward_pre_hook(take_hidden)
         try:
@@ -90,7 +94,6 @@ class SFTModule(HFModule):
                 attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"),
                 use_cache=False,
-                logits_to_keep=F.pad(wanted, (0, 1)),  # (B, T) bool: keep position t if token t + 1 is a target
             )
         finally:
             handle.remove()
