@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,25 @@ def test_real_preset_without_shared_material_exits_with_one_line(monkeypatch, tm
     assert "\n" not in message and "absent is missing" in message and "--sft_data and --hhh" in message
     assert presets.source_paths("sl.jsonl", "hhh.jsonl", ["sft", "rm", "ppo"]) == ("sl.jsonl", "hhh.jsonl")
     assert presets.source_paths(None, None, ["ppo"]) == (None, None)  # PPO reads the built-in prompts
+
+
+@pytest.mark.slow
+def test_sft_floor_runs_the_bare_loop_on_the_real_model(smollm2_dir, shared_cai):
+    """``scripts/bench_sft_floor.py``: one timed step of the bare PyTorch SFT loop on the paper's samples."""
+    script = REPO / "scripts" / "bench_sft_floor.py"
+    args = ["--model", str(smollm2_dir), "--n_rows", "4", "--warmup", "1", "--steps", "1", "--repeats", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env()
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rate = re.search(r"median ([\d.]+) tokens/s over 1 runs", proc.stdout)
+    assert rate and float(rate.group(1)) > 0, proc.stdout
+    too_few = subprocess.run(
+        [sys.executable, str(script), *args[:-4], "--steps", "5", "--repeats", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
+    assert too_few.returncode != 0 and "fewer than 6 batches" in too_few.stderr
