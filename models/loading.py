@@ -255,12 +255,51 @@ def load_tokenizer(
         trust_remote_code=trust_remote_code,
         revision=revision,
     )
+    if source.gguf_file is not None:
+        set_special_tokens(tok, gguf_special_token_ids(str(Path(source.path) / source.gguf_file)))
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"{name_or_path}: tokenizer has neither a pad token nor an EOS token")
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
+
+
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+"""The tokenizer attribute each GGUF metadata key names (GGUF spec, ``tokenizer.ggml.*``)."""
+
+
+def gguf_special_token_ids(path: str) -> dict[str, int]:
+    """The special-token ids a GGUF file's metadata names, e.g. ``{"eos_token": 2, ...}`` (absent keys left out)."""
+    from gguf import GGUFReader  # the GGUF loader's own dependency; imported only for GGUF sources
+
+    fields = GGUFReader(path).fields
+    # A scalar field keeps its value in the part its first data index names (the same in every gguf release).
+    return {
+        name: int(fields[key].parts[fields[key].data[0]][0])
+        for name, key in GGUF_SPECIAL_TOKENS.items()
+        if key in fields
+    }
+
+
+def set_special_tokens(tok: PreTrainedTokenizerBase, ids: dict[str, int]) -> None:
+    """Make the tokenizer's special tokens the ones ``ids`` names (``{"eos_token": 2}``), where they differ.
+
+    transformers 5.17's GGUF tokenizer converter swaps in the BOS token for the EOS token (SmolLM2 got
+    ``eos_token="<|im_start|>"``, so generation never stopped at the end of a turn); the file's own metadata is the
+    authority, whatever the release.
+    """
+    for name, token_id in ids.items():
+        if not 0 <= token_id < len(tok):
+            raise UserError(f"{tok.name_or_path}: GGUF metadata names {name} id {token_id}, outside the vocabulary")
+        token = tok.convert_ids_to_tokens(token_id)
+        if getattr(tok, name) != token:
+            setattr(tok, name, token)
 
 
 def load_model(cfg: ModelConfig, auto_class=AutoModelForCausalLM, **kwargs) -> PreTrainedModel:

