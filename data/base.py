@@ -15,6 +15,16 @@ from models import load_tokenizer
 from models.errors import UserError, check_positive
 
 
+def float_column(values: list[float], device: torch.device | str) -> torch.Tensor:
+    """A batch's per-pair floats (soft labels, reference log-probs) as a float32 tensor (B,) on ``device``.
+
+    Collators hand these over as Python floats, not tensors: Lightning's half-precision plugins (``bf16-true``)
+    cast every floating tensor of a batch to bf16 before the step, and bf16 keeps 8 significant bits, so a reference
+    log-probability of -300 would land on a multiple of 2 and shift every DPO margin by up to a nat.
+    """
+    return torch.as_tensor(values, dtype=torch.float32, device=device)
+
+
 def check_loader_settings(batch_size: int, num_workers: int, prompt_format: str) -> None:
     """Refuse out-of-range settings that every DataModule has (SFT, preference, PPO prompts)."""
     check_positive(batch_size, "data.batch_size")

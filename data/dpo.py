@@ -115,7 +115,7 @@ class DPOCollator:
     Layout (what ``models.sequence_logprobs.pair_logprobs`` reads): ``prompt_ids``/``prompt_mask`` (B, P),
     left-padded; ``response_ids``/``response_mask`` (2B, R), right-padded, row 2i pair i's chosen response and row
     2i + 1 its rejected one; ``p_chosen`` (B,); ``ref_chosen_logps``/``ref_rejected_logps`` (B,) when the rows have
-    them; ``width`` (an int), the longest prompt + response.
+    them, all three Python floats (``data.base.float_column``); ``width`` (an int), the longest prompt + response.
     """
 
     def __init__(self, pad_token_id: int):
@@ -131,12 +131,12 @@ class DPOCollator:
             "prompt_mask": prompt_mask,
             "response_ids": response_ids,
             "response_mask": response_mask,
-            "p_chosen": torch.tensor([float(e["p_chosen"]) for e in examples], dtype=torch.float32),  # (B,)
+            "p_chosen": [float(e["p_chosen"]) for e in examples],  # (B,) Python floats: data.base.float_column
             "width": max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples),
         }
         for col in REF_COLUMNS:
             if col in examples[0]:
-                batch[col] = torch.tensor([e[col] for e in examples], dtype=torch.float32)  # (B,)
+                batch[col] = [float(e[col]) for e in examples]  # (B,) Python floats, never rounded to bf16
         return batch
 
 

@@ -95,10 +95,10 @@ class PreferenceCollator:
 
     Layout (what ``PreferenceModel.forward_pairs`` reads): ``prompt_ids``/``prompt_mask`` (B, P), left-padded;
     ``response_ids``/``response_mask`` (2B, R), right-padded, row 2i the rest of pair i's chosen text and row 2i + 1
-    the rest of its rejected text; ``p_chosen`` (B,); ``width``, the length of the longest whole text (an int, so
-    that a model running whole texts need not read it back from the device). The prefix is found on the token ids,
-    so it is exact whatever the tokenizer does at the prompt/response boundary. A pair whose texts differ from the
-    first token has an empty prompt row, and its continuations are the whole texts.
+    the rest of its rejected text; ``p_chosen``, B Python floats (``data.base.float_column``); ``width``, the length
+    of the longest whole text (an int, so that a model running whole texts need not read it back from the device).
+    The prefix is found on the token ids, so it is exact whatever the tokenizer does at the prompt/response boundary.
+    A pair whose texts differ from the first token has an empty prompt row, and its continuations are the whole texts.
 
     Padding: the prompt block is as wide as the longest prefix and the response block as the longest continuation,
     which together can be wider than the longest text. So the prefix each pair contributes is capped at the length
@@ -139,7 +139,7 @@ class PreferenceCollator:
             "prompt_mask": prompt_mask,
             "response_ids": response_ids,
             "response_mask": response_mask,
-            "p_chosen": torch.tensor([e["p_chosen"] for e in examples], dtype=torch.float32),  # (B,)
+            "p_chosen": [float(e["p_chosen"]) for e in examples],  # (B,) Python floats: data.base.float_column
             "width": max(max(c, r) for c, r in lengths),
         }
 

@@ -159,7 +159,7 @@ def parity_dpo(spec: dict, n: int) -> dict:
     with torch.no_grad():
         loss_ours = module._step(ours)["loss"]
         loss_trl = trainer.compute_loss(trainer.model, dict(theirs))
-    ref_ours = torch.cat([ours["ref_chosen_logps"], ours["ref_rejected_logps"]]).cpu()
+    ref_ours = torch.tensor(ours["ref_chosen_logps"] + ours["ref_rejected_logps"])  # Python floats (float_column)
     ref_trl = torch.cat([theirs["ref_chosen_logps"], theirs["ref_rejected_logps"]]).float().cpu()
     diffs = {
         "ref logps (relative)": float(((ref_ours - ref_trl).abs() / ref_trl.abs().clamp(min=1)).max()),

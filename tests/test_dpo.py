@@ -236,7 +236,30 @@ def test_dpo_bf16(tiny_model_dir, data, tmp_path, precision):
     assert cli.trainer.global_step == 2
     losses = scalars(tmp_path, "loss/dpo")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert abs(scalars(tmp_path, "rewards/margin")[0]) < 0.05  # the reference ran in the policy's precision
+    # The reference ran in the policy's precision, so the first margin is 0 up to the rounding of a differently
+    # batched pass (2e-5 to 4e-5 here). Under bf16-true it was 0.0056 while the batch carried the reference
+    # log-probs as tensors, which Lightning rounded to bf16 (test_per_pair_floats_survive_bf16_true_batches).
+    assert abs(scalars(tmp_path, "rewards/margin")[0]) < 1e-3
+
+
+def test_per_pair_floats_survive_bf16_true_batches():
+    # Catches: the collators handing soft labels and reference log-probs over as float tensors, which Lightning's
+    # bf16-true plugin casts to bf16 before the step (-300.3 became -300.0: a fixed error in every DPO margin).
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from data.base import float_column
+    from data.preference import PreferenceCollator
+
+    row = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "p_chosen": 0.6}
+    refs = {"ref_chosen_logps": -300.3, "ref_rejected_logps": -301.7}
+    plugin = HalfPrecision("bf16-true")
+    dpo = plugin.convert_input(DPOCollator(0)([{**row, **refs}]))
+    pm = plugin.convert_input(PreferenceCollator(0)([{"chosen_ids": [1, 3], "rejected_ids": [1, 4], "p_chosen": 0.6}]))
+    assert dpo["response_ids"].dtype == torch.long  # the plugin did run over the batch
+    for batch, want in ((dpo, {"p_chosen": 0.6, **refs}), (pm, {"p_chosen": 0.6})):
+        for col, value in want.items():
+            got = float_column(batch[col], "cpu")
+            assert got.dtype == torch.float32 and got.tolist() == pytest.approx([value], rel=1e-6), col
 
 
 def test_hard_and_cdpo_labels_change_the_loss(tiny_model_dir, data, tmp_path):

@@ -123,7 +123,7 @@ def test_pair_tokenization_and_collation(tiny_tokenizer):
     # cut from the left (both texts at the same token: the longer keeps 3), default hard label
     assert max(len(hh["chosen_ids"]), len(hh["rejected_ids"])) == 3 and hh["p_chosen"] == 1.0
     batch = PreferenceCollator(tiny_tokenizer.pad_token_id)([ex, ex])
-    assert batch["response_ids"].shape[0] == 4 and batch["p_chosen"].tolist() == pytest.approx([0.7, 0.7])
+    assert batch["response_ids"].shape[0] == 4 and batch["p_chosen"] == pytest.approx([0.7, 0.7])
     with pytest.raises(ValueError, match="pairs.jsonl: no column 'rejected'"):
         tokenize_pair({"prompt": "x", "chosen": "y"}, PromptFormat(tiny_tokenizer), 8, False, "pairs.jsonl")
     with pytest.raises(ValueError, match="p_chosen=1.5 is not a probability"):

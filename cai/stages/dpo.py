@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 
 from cai.method.calibration import SoftCalibrationError
 from cai.training import HFModule, OptimConfig, run_cli
+from data.base import float_column
 from data.dpo import REF_COLUMNS, DPOCollator, DPODataModule
 from losses import dpo_implicit_rewards, dpo_loss
 from models import ModelConfig, load_model
@@ -220,7 +221,7 @@ class DPOModule(HFModule):
         if any(c not in batch for c in REF_COLUMNS):
             raise UserError("dpo: the batch has no reference log-probs (use DPODataModule, or give ref_*_logps)")
         pc, pr = self(batch)  # (B,), (B,)
-        rc, rr, p = batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["p_chosen"]  # (B,) each
+        rc, rr, p = (float_column(batch[c], self.device) for c in (*REF_COLUMNS, "p_chosen"))  # (B,) float32 each
         beta = self.cfg.beta
         r_c, r_r = dpo_implicit_rewards(pc, pr, rc, rr, beta)  # (B,), (B,) detached
         margin = r_c - r_r  # (B,)
@@ -232,6 +233,7 @@ class DPOModule(HFModule):
             "rewards/accuracy": ((margin > 0) == (p >= 0.5)).float(),  # against the hard label
             "prob": torch.sigmoid(margin),  # the policy's implied P(chosen is better) = σ(β Δ)
             "p_chosen": p,
+            "ref": (rc, rr),
             "logps/chosen": pc.detach().float(),
             "logps/rejected": pr.detach().float(),
         }
@@ -252,8 +254,8 @@ class DPOModule(HFModule):
         out = self._step(batch)
         n = len(out["p_chosen"])
         # Validation measures every run against the soft labels (whatever model.dpo.labels trains on).
-        ref = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        soft = dpo_loss(out["logps/chosen"], out["logps/rejected"], *ref, self.cfg.beta, p_chosen=out["p_chosen"])
+        logps = out["logps/chosen"], out["logps/rejected"]
+        soft = dpo_loss(*logps, *out["ref"], self.cfg.beta, p_chosen=out["p_chosen"])
         self.val_means["loss"].update(soft, weight=n)
         for name, metric in self.val_means.items():
             if name != "loss":

@@ -13,6 +13,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from cai.method.calibration import SoftCalibrationError
 from cai.training import HFModule, OptimConfig, run_cli
+from data.base import float_column
 from data.preference import PreferenceDataModule
 from losses import soft_preference_loss
 from models import ModelConfig
@@ -72,7 +73,7 @@ class PreferenceModule(HFModule):
             share_prompt_on(self.share_prompt, self.device),
             batch["width"],
         )  # (B,), (B,)
-        p = batch["p_chosen"]  # (B,)
+        p = float_column(batch["p_chosen"], self.device)  # (B,) float32
         loss = soft_preference_loss(r_c, r_r, p, center_rewards_coef=self.center_rewards_coef or None)
         return loss, r_c, r_r, p
 
