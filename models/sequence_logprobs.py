@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from losses import logprobs_from_logits
-from models.logprobs import position_ids_from_mask
+from models.logprobs import last_token_logprobs, position_ids_from_mask
 from models.prefix_cache import cache_kwarg, output_cache
 
 
@@ -68,7 +68,7 @@ def pair_logprobs(
     takes over its completion mask). With ``share_prompt`` (and when ``can_share_prompt`` allows it) the prompts go
     through the network once with the cache on; the last prompt position scores each response's first token, and
     the responses (without their last token, which predicts nothing) are run after the cache repeated twice.
-    Otherwise every prompt + response is run as one right-padded text.
+    Otherwise every prompt + response is run as one left-padded text, the head only on the last R + 1 positions.
 
     Args:
         model: A Hugging Face causal LM (or one wrapped by FSDP) that takes ``position_ids``, a cache and
@@ -113,13 +113,14 @@ def pair_logprobs(
     else:
         ids = torch.cat([prompt_ids.repeat_interleave(2, dim=0), response_ids], dim=1)  # (2B, P + R)
         scored = torch.cat([torch.zeros_like(prompt_mask2), response_mask], dim=1)  # (2B, P + R) response tokens
-        # Move each row's real tokens to the front (a stable sort keeps their order): right-padded whole texts.
-        order = torch.argsort(1 - mask, dim=1, stable=True)  # (2B, P + R)
+        # Move each row's real tokens to the end (a stable sort keeps their order): left-padded whole texts, so that
+        # every response ends in the last column and the head runs on the last R + 1 positions only, not on all T
+        # (a (2B, T, V) float32 log-softmax is tens of GB for a 150k vocabulary at T = 1024).
+        order = torch.argsort(mask, dim=1, stable=True)  # (2B, P + R)
         width = width if width is not None else int(mask.sum(1).max())
-        ids, scored = ids.gather(1, order)[:, :width], scored.gather(1, order)[:, :width]  # (2B, T)
-        attn = mask.gather(1, order)[:, :width]  # (2B, T)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (2B, T, V)
-        per_token = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (2B, T - 1): position t predicts t + 1
-        total = torch.where(scored[:, 1:].bool(), per_token, 0.0).sum(1)  # (2B,)
+        ids, scored = ids.gather(1, order)[:, -width:], scored.gather(1, order)[:, -width:]  # (2B, T)
+        attn = mask.gather(1, order)[:, -width:]  # (2B, T)
+        per_token = last_token_logprobs(model, ids, attn, R)  # (2B, R): the last R tokens of every row
+        total = torch.where(scored[:, -R:].bool(), per_token, 0.0).sum(1)  # (2B,)
     total = total.view(B, 2)  # (B, 2): chosen, rejected
     return total[:, 0], total[:, 1]

@@ -72,8 +72,12 @@ def test_shared_prompt_gives_the_whole_text_logps_and_gradients(arch_dir):
     for name, p in model.named_parameters():
         torch.testing.assert_close(shared_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
+    heads = []  # (rows, positions, vocabulary) of every LM-head output
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: heads.append(tuple(out.shape)))
     unshared = pair_logprobs(model, *args, share_prompt=False, width=batch["width"])
+    handle.remove()
     torch.testing.assert_close(torch.cat(unshared), whole, atol=1e-4, rtol=1e-5)
+    assert heads == [(2 * B, R + 1, model.config.vocab_size)], "whole texts: the head runs on the responses only"
 
 
 def test_gradient_checkpointing_turns_sharing_off(tiny_model_dir):
