@@ -47,8 +47,9 @@ class ModelConfig:
     """Weight dtype: float32, bfloat16 or float16, or ``auto`` for the dtype stored in the checkpoint.
     With Lightning's ``bf16-true`` precision the trainer casts the weights itself, so leave float32 there."""
     attn_implementation: str = "auto"
-    """``auto`` picks ``flash_attention_2`` when flash-attn is installed and a GPU is present, else ``sdpa``;
-    or name one explicitly (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    """``auto`` picks ``flash_attention_2`` when flash-attn is installed, a GPU is present and ``dtype`` is bfloat16
+    or float16 (flash-attn has no float32 kernels), else ``sdpa``; or name one explicitly (``sdpa``, ``eager``,
+    ``flash_attention_2``: with float32 weights only under ``bf16-mixed`` autocast)."""
     trust_remote_code: bool = False
     """Allow code from the checkpoint's repository to run. Off by default: only turn it on for code you trust."""
     revision: str | None = None
@@ -194,16 +195,19 @@ def _resolve_package(name: str) -> ModelSource:
     return ModelSource(str(found[0].parent), found[0].name)
 
 
-def resolve_attn_implementation(requested: str = "auto") -> str:
-    """Return the attention implementation to use for ``requested``.
+def resolve_attn_implementation(requested: str = "auto", dtype: torch.dtype | str | None = None) -> str:
+    """Return the attention implementation to use for ``requested`` on weights of ``dtype``.
 
-    ``auto`` gives ``flash_attention_2`` only when the flash-attn package is importable and CUDA is available;
-    ``sdpa`` (PyTorch's scaled dot-product attention) everywhere else. Asking for flash attention explicitly where it
-    cannot run is an error rather than a silent fallback.
+    ``auto`` gives ``flash_attention_2`` only when the flash-attn package is importable, CUDA is available and the
+    weights are bf16 or fp16; ``sdpa`` (PyTorch's scaled dot-product attention, which picks its own flash kernel on
+    a GPU when it can) everywhere else. flash-attn has no float32 kernels: a float32 model outside autocast (``cai
+    eval``, ``label``, a ``32-true`` run) would stop at its first attention call. Asking for flash attention
+    explicitly where it cannot run is an error rather than a silent fallback; under ``bf16-mixed`` autocast hands it
+    bf16 activations, so ``flash_attention_2`` with float32 weights works there when asked for by name.
     """
     flash_ok = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
     if requested == "auto":
-        return "flash_attention_2" if flash_ok else "sdpa"
+        return "flash_attention_2" if flash_ok and dtype in (torch.bfloat16, torch.float16) else "sdpa"
     if requested == "flash_attention_2" and not flash_ok:
         raise UserError(
             "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU "
@@ -323,10 +327,11 @@ def load_model(cfg: ModelConfig, auto_class=AutoModelForCausalLM, **kwargs) -> P
     if source.gguf_file is not None:
         kwargs = {"gguf_file": source.gguf_file, **_gguf_dequantize_kwargs(), **kwargs}
     with _shared_gguf_name_maps() if source.gguf_file is not None else contextlib.nullcontext():
+        dtype = resolve_dtype(cfg.dtype)
         model = auto_class.from_pretrained(
             source.path,
-            dtype=resolve_dtype(cfg.dtype),
-            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+            dtype=dtype,
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation, dtype),
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
             **kwargs,

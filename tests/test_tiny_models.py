@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -74,8 +75,15 @@ def test_loader_options(tiny_model_dir, monkeypatch):
     assert ModelConfig("x").trust_remote_code is False
     with pytest.raises(ValueError, match="dtype 'float8'"):
         load_model(ModelConfig(str(tiny_model_dir), dtype="float8"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if flash-attn ran here
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    assert resolve_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float16) == "flash_attention_2"
+    for dtype in (torch.float32, "auto", None):  # no float32 kernels: a float32 model must not get flash attention
+        assert resolve_attn_implementation("auto", dtype) == "sdpa"
+    assert resolve_attn_implementation("flash_attention_2", torch.float32) == "flash_attention_2"  # asked by name
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_attn_implementation("auto") == "sdpa"
+    assert resolve_attn_implementation("auto", torch.bfloat16) == "sdpa"
     with pytest.raises(ValueError, match="flash-attn"):
         resolve_attn_implementation("flash_attention_2")
 
