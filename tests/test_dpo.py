@@ -273,6 +273,24 @@ def test_hard_and_cdpo_labels_change_the_loss(tiny_model_dir, data, tmp_path):
     assert len({round(v, 6) for v in first.values()}) == 3, first
 
 
+def test_fsdp1_computes_the_reference_with_a_frozen_copy(monkeypatch):
+    # Under FSDP1 the policy cannot run outside a step (its root-level weights stay sharded); stand-in trainers,
+    # since FSDP1 refuses a CPU at Trainer start.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    module = DPOModule(ModelConfig("unused"))
+    calls = []
+    monkeypatch.setattr(module, "_add_reference", lambda use_policy: calls.append(use_policy))
+    dm = SimpleNamespace(add_reference_logps=None)
+    for strategy, want_calls, pending in ((DDPStrategy(), [], True), (FSDPStrategy(), [False], False)):
+        calls.clear()
+        module._trainer = SimpleNamespace(strategy=strategy, datamodule=dm)
+        module.setup("fit")
+        assert calls == want_calls and module._reference_pending is pending, type(strategy).__name__
+
+
 def test_module_refuses_batches_without_reference(tiny_model_dir):
     module = DPOModule(ModelConfig(str(tiny_model_dir)))
     module.configure_model()

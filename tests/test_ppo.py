@@ -258,3 +258,15 @@ def test_ppo_module_refuses_a_bad_prompt_format_or_sample_count():
         PPOModule(policy, reward_function="m:f", log_samples=-1)
     with pytest.raises(UserError, match="give exactly one of"):
         PPOModule(policy)
+
+
+def test_ppo_refuses_fsdp1_before_loading_anything():
+    # FSDP1 refuses a CPU at Trainer start, so the module gets a stand-in trainer holding the strategy object.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = PPOModule(ModelConfig("unused"), reward_function="m:f")  # loading "unused" would fail differently
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(UserError, match=r"^ppo: FSDP1 .*fsdp2_gpu\.yaml$"):
+        module.configure_model()

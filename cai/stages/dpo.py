@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from cai.method.calibration import SoftCalibrationError
@@ -144,12 +145,14 @@ class DPOModule(HFModule):
         Fitting without a separate ``reference``: the policy's starting weights are the reference, so the policy
         itself computes them in ``on_fit_start`` (placed, sharded and cast by then, before the first optimizer step)
         and no second copy of the model is ever loaded. Otherwise (a ``reference``, or ``validate``) a frozen copy
-        is loaded here.
+        is loaded here; also under FSDP1 (``FSDPStrategy``).
         """
         self._reference_pending = False
         if not hasattr(getattr(self.trainer, "datamodule", None), "add_reference_logps"):
             return  # batches must then carry ref_chosen_logps / ref_rejected_logps themselves
-        if stage == "fit" and self.ref_cfg is None:
+        # Under FSDP1 the LightningModule itself is the root FSDP unit, so a forward of self.model outside a step
+        # would meet its root-level weights still sharded: a frozen copy computes the reference there.
+        if stage == "fit" and self.ref_cfg is None and not isinstance(self.trainer.strategy, FSDPStrategy):
             self._reference_pending = True
         else:
             self._add_reference(use_policy=False)

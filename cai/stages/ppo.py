@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from cai.stages.ppo_config import LoraConfig, PPOConfig
 from cai.training import HFModule, OptimConfig, lr_lambda, make_adamw, run_cli
@@ -129,6 +129,12 @@ class PPOModule(HFModule):
         return self.model.lm
 
     def configure_model(self) -> None:
+        if isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+            # PPO optimizes manually and calls generate on the inner model, outside the root FSDP1 wrapper.
+            raise UserError(
+                "ppo: FSDP1 (FSDPStrategy) does not work with manual optimization in Lightning (#19626, #20138); "
+                "use FSDP2: --config configs/strategies/fsdp2_gpu.yaml"
+            )
         first = self.model is None
         super().configure_model()  # policy (+ value head), sharded under ModelParallelStrategy
         if first:
