@@ -188,3 +188,17 @@ def test_every_training_section_of_the_shipped_configs_parses(path, tmp_path):
     assert [r.name for r in training] == ["sft", "pm", "ppo", "dpo"]
     for r in training:
         r.check(frozenset())  # parsed by the stage's LightningCLI and its modules built (no model is loaded)
+
+
+def test_memory_is_freed_after_every_stage_that_ran(tmp_path, monkeypatch, capsys):
+    # Every stage runs in the pipeline's process: without a collection its trainer and model (reference cycles) would
+    # keep their GPU memory while the next stage loads its own.
+    events = []
+    monkeypatch.setattr(pipeline, "free_memory", lambda: events.append("free"))
+    (tmp_path / "a.done").touch()
+
+    def stage(name: str) -> Stage:
+        return Stage(name, name, tmp_path / f"{name}.done", lambda: events.append(name), lambda paths: None)
+
+    log = pipeline.run_stages([stage("a"), stage("b"), stage("c")])
+    assert events == ["b", "free", "c", "free"] and [e["skipped"] for e in log] == [True, False, False]

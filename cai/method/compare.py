@@ -149,7 +149,7 @@ def judge(labels: list[str], rows: list[dict], by_key: dict, how: Judging, store
         fb = FeedbackConfig(num_few_shot=how.num_few_shot, both_orders=True, batch_size=how.batch_size)
         scorer = FeedbackScorer(model, tok, const, fb, prompt_format=how.prompt_format)
         compare_all(scorer, pairs, store, how.feedback_model, how.chunk, how.progress)
-        del model
+        del model, scorer  # the scorer holds the model too
         free_memory()
     done = {c["key"]: c for c in store.read()}
     return [done[p["key"]] for p in pairs]

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from cai.method.compare import free_memory
 from cai.stages.pipeline_calls import (
     check_function_stage,
     check_lightning_stage,
@@ -338,6 +339,7 @@ def run_stages(stages: list[Stage]) -> list[dict]:
         log.append({"stage": s.title, "name": s.name, "skipped": done, "started": time.time()})
         if not done:
             s.run()
+            free_memory()  # every stage runs in this process: its trainer and model are cycles gc must collect
     return log
 
 
