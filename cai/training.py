@@ -290,6 +290,18 @@ def _stage_cli(module: type[L.LightningModule]):
     from lightning.pytorch.cli import LightningCLI
 
     class CAICLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # Only what the stage implements: `cai ppo validate` or `cai pm test` would otherwise get as far as
+            # Lightning's "no test_step" after loading the models; now the parser names the choices at once.
+            steps = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+            base = L.LightningModule
+            return {
+                name: skip
+                for name, skip in LightningCLI.subcommands().items()
+                if name not in steps or getattr(module, steps[name]) is not getattr(base, steps[name])
+            }
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments(
                 ("model.model.name_or_path", "model.model.tokenizer"), "data.tokenizer", compute_fn=lambda n, t: t or n

@@ -22,3 +22,19 @@ def test_config_parses(path, capsys):
         main([*args, "--config", str(path), "--print_config"])
     assert done.value.code in (0, None), capsys.readouterr().err[-2000:]
     assert yaml.safe_load(capsys.readouterr().out)  # the full, resolved config
+
+
+@pytest.mark.parametrize(
+    "stage, offered", [("sft", "'fit', 'validate'"), ("pm", "'fit', 'validate'"), ("dpo", "'fit', 'validate'"),
+                       ("ppo", "'fit'")],
+)  # fmt: skip
+def test_stages_offer_only_the_subcommands_they_implement(stage, offered, capsys):
+    # Lightning's CLI offers test and predict to every module; none of these has a test_step (nor PPO a
+    # validation_step), so the parser refuses them before any model is loaded.
+    for sub in ("test", "predict", "validate"):
+        if sub == "validate" and stage != "ppo":
+            continue
+        with pytest.raises(SystemExit) as done:
+            main([stage, sub])
+        assert done.value.code == 2
+        assert f"invalid choice: '{sub}' (choose from {offered})" in capsys.readouterr().err
