@@ -7,6 +7,7 @@ programs (``cai sft fit --config configs/sft/tiny.yaml``). Every subcommand acce
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import sys
@@ -189,11 +190,53 @@ def _run_function(fn, args: list[str], name: str):
     from jsonargparse import auto_parser
 
     parser = auto_parser(fn, prog=f"cai {name}")
-    cfg = parser.instantiate(parser.parse_args(args))
+    cfg = parser.instantiate(parser.parse_args(_nested_overrides(fn, parser, args)))
     params = inspect.signature(fn).parameters
     kwargs = {k: cfg[k] for k in params if k in cfg}
     check_stage(name, kwargs)
     return fn(**kwargs)
+
+
+def _nested_overrides(fn, parser, args: list[str]) -> list[str]:
+    """``args`` with every override deeper than one key into a ``dict`` option merged into that option.
+
+    jsonargparse updates a ``dict`` option one key deep: ``--sl_data.chunk_size 8`` keeps the rest of ``sl_data``, but
+    ``--sl_data.critique.rounds 4`` replaces the config's whole ``critique`` with ``{rounds: '4'}``, silently dropping
+    its other keys. Here such overrides are taken out, the rest is parsed (the config files included), each override
+    is set at its path in the parsed dict (its value read as YAML, as a config file's would be), and the merged dict
+    is passed on as the option's value, last, so that it wins as a command-line value should.
+    """
+    import typing
+
+    import yaml
+
+    hints = typing.get_type_hints(fn)
+    dict_options = {k for k, t in hints.items() if t is dict or dict in typing.get_args(t)}
+    rest, nested = [], []  # nested: (option, [key, ...], value)
+    i = 0
+    while i < len(args):
+        m = re.fullmatch(r"--(\w+)\.(\w+(?:\.\w+)+)(?:=(.*))?", args[i], re.DOTALL)
+        if not (m and m.group(1) in dict_options):
+            rest.append(args[i])
+            i += 1
+            continue
+        if m.group(3) is None and i + 1 == len(args):
+            parser.error(f"{args[i]}: expected a value")
+        value = m.group(3) if m.group(3) is not None else args[i + 1]
+        nested.append((m.group(1), m.group(2).split("."), yaml.safe_load(value)))
+        i += 1 if m.group(3) is not None else 2
+    if not nested:
+        return args
+    shown = [a for a in rest if a.split("=")[0] not in ("--print_config", "-h", "--help")]
+    base = parser.parse_args(shown)  # the config files and flat overrides, without printing and exiting
+    merged: dict[str, dict] = {}
+    for option, keys, value in nested:
+        d = merged.setdefault(option, dict(base[option] or {}))  # copies, level by level: the parse is not changed
+        for key in keys[:-1]:
+            d[key] = dict(d[key]) if isinstance(d.get(key), dict) else {}
+            d = d[key]
+        d[keys[-1]] = value
+    return rest + [arg for option, d in merged.items() for arg in (f"--{option}", json.dumps(d))]
 
 
 def check_stage(name: str, kwargs: dict, pending: frozenset[str] = frozenset()) -> None:

@@ -1,4 +1,4 @@
-"""This project's workers for ``scripts/bench_vs_trl.py``: one measured SFT, reward-model or PPO run each."""
+"""This project's workers for ``scripts/bench_vs_trl.py``: one measured SFT, reward-model, PPO or DPO run each."""
 
 from __future__ import annotations
 

@@ -35,14 +35,15 @@ def one_run(model_dir: str, data: str, batch_size: int, warmup: int, steps: int,
     dm = SFTDataModule(train=data, val=data, tokenizer=model_dir, max_length=seq_len, batch_size=batch_size)
     dm.setup("fit")
     loader = dm._loader(dm.train_set, shuffle=False)  # file order, as the benchmark reads them
+    if len(loader) < warmup + steps:  # before any step: a short file must not cost a run of the model first
+        raise SystemExit(f"bench_sft_floor: {data} has fewer than {warmup + steps} batches ({len(loader)})")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    tokens, start, done = 0, time.perf_counter(), 0
+    tokens, start = 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if i == warmup:
             start = time.perf_counter()
         if i == warmup + steps:
             break
-        done += 1
         loss = model(**batch, use_cache=False).loss  # (B, T, V) logits inside, the mean over target tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -50,8 +51,6 @@ def one_run(model_dir: str, data: str, batch_size: int, warmup: int, steps: int,
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             tokens += int(batch["attention_mask"].sum())
-    if done < warmup + steps:
-        raise SystemExit(f"bench_sft_floor: {data} has fewer than {warmup + steps} batches")
     return tokens / (time.perf_counter() - start)
 
 
@@ -83,7 +82,8 @@ def main() -> None:
         for r in range(args.repeats):
             out = Path(tmp) / f"rate{r}"
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", paths["sft_cai"], str(out)]
-            subprocess.run(cmd, check=True)
+            if rc := subprocess.run(cmd).returncode:  # the worker printed its one-line reason
+                sys.exit(rc)
             rates.append(float(out.read_text()))
             print(f"  bare loop run {r + 1}: {rates[-1]:.1f} tokens/s", flush=True)
     rates.sort()

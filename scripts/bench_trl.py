@@ -1,4 +1,4 @@
-"""TRL's workers for ``scripts/bench_vs_trl.py``: one measured SFTTrainer, RewardTrainer or PPOTrainer run each."""
+"""TRL's workers for ``scripts/bench_vs_trl.py``: one measured SFT, reward-model, PPO or DPO trainer run each."""
 
 from __future__ import annotations
 

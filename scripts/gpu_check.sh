@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one call (about 8 minutes on one H100/H200): the 0.5b benchmark against TRL (with
-# SFT model FLOPs utilisation), a bf16-true FSDP2 PPO run, flash-attention against sdpa, and the one-GPU pipeline
-# config shortened to a few steps on random weights of its shape. Results: one Markdown file to paste into
-# docs/BENCHMARKS.md.
+# The checks that need a GPU: the 0.5b benchmark against TRL (with SFT model FLOPs utilisation) and its variants,
+# a bf16-true FSDP2 PPO run, flash-attention against sdpa, and the one-GPU pipeline config shortened to a few steps
+# on random weights of its shape. Results: one Markdown file to paste into docs/BENCHMARKS.md. On the lent device
+# (10 minutes a call) it is two calls: --sections pipeline,bench, then variants,ppo,attention (docs/BENCHMARKS.md).
 #
-#   scripts/gpu_check.sh [--out gpu_check.md] [--sections bench,ppo,attention,pipeline]
+#   scripts/gpu_check.sh [--out gpu_check.md] [--sections pipeline,bench,variants,ppo,attention] [--work DIR]
 #   scripts/gpu_check.sh --cpu-smoke      # the same script at tiny sizes on a CPU (CI runs it; about a minute)
 #
 # On a machine where this project is not installed, wheels of the missing packages in .whl/ (see

@@ -38,3 +38,21 @@ def test_stages_offer_only_the_subcommands_they_implement(stage, offered, capsys
             main([stage, sub])
         assert done.value.code == 2
         assert f"invalid choice: '{sub}' (choose from {offered})" in capsys.readouterr().err
+
+
+def test_nested_override_of_a_pipeline_section_keeps_the_config_keys_beside_it(capsys):
+    # jsonargparse alone would replace the config's whole `critique` with {rounds: '4'}, dropping keep_unfinished
+    # (without which the tiny random model's never-ending texts give SFT no data).
+    config = str(CONFIGS / "pipeline" / "tiny.yaml")
+    with pytest.raises(SystemExit) as done:
+        main(["pipeline", "--config", config, "--sl_data.critique.rounds", "4", "--sft.trainer.max_steps=7",
+              "--print_config"])  # fmt: skip
+    assert done.value.code in (0, None), capsys.readouterr().err[-2000:]
+    printed = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load((CONFIGS / "pipeline" / "tiny.yaml").read_text())
+    assert printed["sl_data"]["critique"] == {**written["sl_data"]["critique"], "rounds": 4}
+    assert printed["sft"]["trainer"] == {**written["sft"]["trainer"], "max_steps": 7}
+    assert printed["sl_data"]["prompts"] == written["sl_data"]["prompts"]  # other sections untouched
+    with pytest.raises(SystemExit) as done:
+        main(["pipeline", "--config", config, "--sl_data.critique.rounds"])
+    assert done.value.code == 2 and "--sl_data.critique.rounds: expected a value" in capsys.readouterr().err
