@@ -198,13 +198,13 @@ def _run_function(fn, args: list[str], name: str):
 
 
 def _nested_overrides(fn, parser, args: list[str]) -> list[str]:
-    """``args`` with every override deeper than one key into a ``dict`` option merged into that option.
+    """``args`` with every override of a key inside a ``dict`` option merged into that option.
 
-    jsonargparse updates a ``dict`` option one key deep: ``--sl_data.chunk_size 8`` keeps the rest of ``sl_data``, but
-    ``--sl_data.critique.rounds 4`` replaces the config's whole ``critique`` with ``{rounds: '4'}``, silently dropping
-    its other keys. Here such overrides are taken out, the rest is parsed (the config files included), each override
-    is set at its path in the parsed dict (its value read as YAML, as a config file's would be), and the merged dict
-    is passed on as the option's value, last, so that it wins as a command-line value should.
+    jsonargparse updates a ``dict`` option one key deep, and keeps the value a string: ``--sl_data.critique.rounds 4``
+    replaces the config's whole ``critique`` with ``{rounds: '4'}``, silently dropping its other keys. Here such
+    overrides are taken out, the rest is parsed (the config files included), each override is set at its path in the
+    parsed dict (its value read as YAML, as a config file's would be), and the merged dict is passed on as the
+    option's value, last, so that it wins as a command-line value should.
     """
     import typing
 
@@ -215,7 +215,7 @@ def _nested_overrides(fn, parser, args: list[str]) -> list[str]:
     rest, nested = [], []  # nested: (option, [key, ...], value)
     i = 0
     while i < len(args):
-        m = re.fullmatch(r"--(\w+)\.(\w+(?:\.\w+)+)(?:=(.*))?", args[i], re.DOTALL)
+        m = re.fullmatch(r"--(\w+)\.(\w+(?:\.\w+)*)(?:=(.*))?", args[i], re.DOTALL)
         if not (m and m.group(1) in dict_options):
             rest.append(args[i])
             i += 1

@@ -46,12 +46,13 @@ def test_nested_override_of_a_pipeline_section_keeps_the_config_keys_beside_it(c
     config = str(CONFIGS / "pipeline" / "tiny.yaml")
     with pytest.raises(SystemExit) as done:
         main(["pipeline", "--config", config, "--sl_data.critique.rounds", "4", "--sft.trainer.max_steps=7",
-              "--print_config"])  # fmt: skip
+              "--sl_data.chunk_size", "8", "--print_config"])  # fmt: skip
     assert done.value.code in (0, None), capsys.readouterr().err[-2000:]
     printed = yaml.safe_load(capsys.readouterr().out)
     written = yaml.safe_load((CONFIGS / "pipeline" / "tiny.yaml").read_text())
     assert printed["sl_data"]["critique"] == {**written["sl_data"]["critique"], "rounds": 4}
     assert printed["sft"]["trainer"] == {**written["sft"]["trainer"], "max_steps": 7}
+    assert printed["sl_data"]["chunk_size"] == 8  # an int, as in a config file (jsonargparse alone: '8')
     assert printed["sl_data"]["prompts"] == written["sl_data"]["prompts"]  # other sections untouched
     with pytest.raises(SystemExit) as done:
         main(["pipeline", "--config", config, "--sl_data.critique.rounds"])
