@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from models.loading import ModelConfig, check_model_folder, load_model
 from models.logprobs import position_ids_from_mask
 from models.padding import pad_rows
+from models.prefix_cache import cache_kwarg, output_cache
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -113,16 +114,18 @@ class PreferenceModel(nn.Module):
         mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask], dim=1)  # (2B, P + R)
         if P > 0 and share_prompt and self.can_share_prompt(mask.shape[1]):
             positions = position_ids_from_mask(mask)  # (2B, P + R): as if each text had no padding
-            cache = self.backbone(
-                input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[0::2, :P], use_cache=True
-            ).past_key_values  # keys and values (B, heads, P, d) of every layer
+            cache = output_cache(
+                self.backbone(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[0::2, :P], use_cache=True
+                )
+            )  # keys and values (B, heads, P, d) of every layer
             cache.batch_repeat_interleave(2)  # (2B, heads, P, d): rows 2i and 2i + 1 share prompt i
             hidden = self.backbone(
                 input_ids=response_ids,
                 attention_mask=mask,
                 position_ids=positions[:, P:],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kwarg(self.backbone): cache},  # `cache` from transformers 5.24 (`past_key_values` goes)
             ).last_hidden_state  # (2B, R, H)
             rewards = self._read(hidden, response_mask)  # (2B,)
         else:

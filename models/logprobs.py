@@ -18,8 +18,6 @@ from losses import logprobs_from_logits
 from models.padding import pad_rows
 from models.prefix_cache import SharedPrefix, cache_kwarg, output_cache, shared_prefix_length
 
-_cache_kwarg = cache_kwarg  # the old name, imported by models.sequence_logprobs
-
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 on each row's first real token, as ``generate`` uses with left padding. (B, T)."""
