@@ -142,8 +142,13 @@ def run_groups(stages: list) -> list[list[tuple]]:
     return groups
 
 
-def measure(stages: list, args: argparse.Namespace, spec_path: Path, tmp: Path, max_other: float) -> tuple[dict, int]:
+def measure(
+    stages: list, args: argparse.Namespace, spec_path: Path, tmp: Path, max_other: float, on_group=None
+) -> tuple[dict, int]:
     """Run every group of ``run_groups`` ``args.repeats`` times, the order of its jobs flipping every repeat.
+
+    ``on_group(done, results)`` is called after each group with the stages measured so far, so that a run cut short
+    (a time limit, a worker that fails) keeps the figures it has.
 
     Returns:
         ``results[stage][system]``, a list of worker results (shared runs appear under both stages), and the number
@@ -151,6 +156,7 @@ def measure(stages: list, args: argparse.Namespace, spec_path: Path, tmp: Path, 
     """
     results: dict = {}
     discarded = 0
+    done: list = []
     for jobs in run_groups(stages):
         for stage, _ in jobs:
             results.setdefault(stage.name, {"cai": [], "trl": []})
@@ -178,7 +184,18 @@ def measure(stages: list, args: argparse.Namespace, spec_path: Path, tmp: Path, 
         for stage, system in jobs[2:]:  # the other system's runs are the leader's
             shared = "trl" if system == "cai" else "cai"
             results[stage.name][shared] = results[leader.name][shared]
+        done += [stage for stage, _ in jobs if stage not in done]
+        if on_group is not None:
+            on_group([s for s in stages if s in done], results)
     return results, discarded
+
+
+def write_partial(out: Path, header: str, stages: list, done: list, results: dict, spec: dict) -> None:
+    """The table of the stages measured so far, marked partial: what a run cut short leaves in ``--out``."""
+    rest = [s.name for s in stages if s not in done and not s.pending]
+    table, _ = build_table(done, results, {}, spec)
+    note = f"**Partial**: still to run: {', '.join(rest) or 'the parity check'}; parity not checked yet."
+    out.write_text(f"{header}\n\n{note}\n\n{table}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -377,7 +394,12 @@ def main(argv: list[str] | None = None) -> None:
             on = args.share_prompt == "on" or (args.share_prompt == "auto" and device == "cpu")
             header += f"; reward model and DPO: this project {'with' if on else 'without'} the shared prompt"
         print(f"{header}; set-up {time.perf_counter() - t0:.1f}s; work dir {tmp}", flush=True)
-        results, discarded = measure(stages, args, spec_path, tmp, max_other)
+
+        def partial(done: list, results: dict) -> None:  # rewritten after every group, replaced at the end
+            if args.out:
+                write_partial(Path(args.out), header, stages, done, results, spec)
+
+        results, discarded = measure(stages, args, spec_path, tmp, max_other, on_group=partial)
         parity = run_worker("parity", spec_path, tmp / "parity.log") if spec["parity_stages"] else {}
         parity.pop("wall_s", None)
         table, runs = build_table(stages, results, parity, spec)

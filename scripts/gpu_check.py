@@ -17,7 +17,7 @@ its own time limit, ``TIMEOUTS``):
   logit difference from ``sdpa``.
 
 The device allows 10 minutes per call and 15 per session, so the GPU run is two calls (docs/BENCHMARKS.md, "Running
-the GPU check"): ``--sections pipeline,bench`` then ``--sections variants,ppo,attention``.
+the GPU check"): ``--sections bench,pipeline`` then ``--sections variants,ppo,attention``.
 
 ``--cpu-smoke`` runs the same code at tiny sizes on the CPU (CI runs it, so the script cannot rot unseen).
 
@@ -94,9 +94,14 @@ def run(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
     return rc, time.perf_counter() - t
 
 
-def failed(what: str, rc: int, log: Path) -> str:
+def failed(what: str, rc: int, log: Path, partial: Path | None = None) -> str:
+    """The failure, the last lines of the log, and what the run wrote before it stopped (``partial``, if it exists)."""
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-    return f"**{what} failed** (exit status {rc}). Last lines of its log:\n\n```\n{tail}\n```\n"
+    limit = "; 124: the section's time limit" if rc == 124 else ""
+    text = f"**{what} failed** (exit status {rc}{limit}). Last lines of its log:\n\n```\n{tail}\n```\n"
+    if partial is not None and partial.exists():
+        text += f"\nWhat it wrote before it stopped:\n\n{partial.read_text()}\n"
+    return text
 
 
 def random_model(work: Path, sizes: Sizes) -> Path:
@@ -113,7 +118,7 @@ def section_bench(work: Path, sizes: Sizes, timeout: int) -> str:
     out, log = work / "bench.md", work / "bench.log"
     rc, secs = run([sys.executable, "scripts/bench_vs_trl.py", *sizes.bench_args, "--out", str(out)], log, timeout)
     if rc or not out.exists():
-        return failed("bench_vs_trl.py", rc, log)
+        return failed("bench_vs_trl.py", rc, log, out)
     return f"`bench_vs_trl.py {' '.join(sizes.bench_args)}` ({secs:.0f} s)\n\n{out.read_text()}"
 
 
@@ -126,7 +131,7 @@ def section_variants(work: Path, sizes: Sizes, timeout: int) -> str:
     args = [*sizes.bench_args, *VARIANT_ARGS, "--out", str(out)]
     rc, secs = run([sys.executable, "scripts/bench_vs_trl.py", *args], log, timeout)
     if rc or not out.exists():
-        return failed("bench_vs_trl.py (variants)", rc, log)
+        return failed("bench_vs_trl.py (variants)", rc, log, out)
     return (
         f"`bench_vs_trl.py {' '.join(args[:-2])}` ({secs:.0f} s). Against the `bench` section's rows: SFT's loss "
         "without chunks (more memory, no second head pass) and the reward model with each pair's prompt run once "

@@ -2,7 +2,7 @@
 # The checks that need a GPU: the 0.5b benchmark against TRL (with SFT model FLOPs utilisation) and its variants,
 # a bf16-true FSDP2 PPO run, flash-attention against sdpa, and the one-GPU pipeline config shortened to a few steps
 # on random weights of its shape. Results: one Markdown file to paste into docs/BENCHMARKS.md. On the lent device
-# (10 minutes a call) it is two calls: --sections pipeline,bench, then variants,ppo,attention (docs/BENCHMARKS.md).
+# (10 minutes a call) it is two calls: --sections bench,pipeline, then variants,ppo,attention (docs/BENCHMARKS.md).
 #
 #   scripts/gpu_check.sh [--out gpu_check.md] [--sections pipeline,bench,variants,ppo,attention] [--work DIR]
 #   scripts/gpu_check.sh --cpu-smoke      # the same script at tiny sizes on a CPU (CI runs it; about a minute)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -245,3 +246,33 @@ def test_sft_floor_runs_the_bare_loop_on_the_real_model(smollm2_dir, shared_cai)
         env=clean_env(),
     )
     assert too_few.returncode != 0 and "fewer than 6 batches" in too_few.stderr
+
+
+def test_a_run_cut_short_keeps_the_stages_it_measured(tmp_path, monkeypatch):
+    # A worker that fails (or a time limit) after the first group must not lose that group's figures: --out holds
+    # the table so far, marked partial.
+    bench = load_script()
+    by_name = {s.name: s for s in bench.STAGES}
+    stages = [by_name["sft"], by_name["rm"], by_name["ppo"]]
+    calls = []
+
+    def fake_worker(name, spec_path, log):
+        calls.append(name)
+        if name.startswith("rm-"):
+            raise RuntimeError("worker rm-cai failed (exit 1)")
+        return {**fake_run(100 if name.endswith("cai") else 50, 1.0, 1 << 20), "wall_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    args = SimpleNamespace(repeats=2, retries=0, retry_wait=0.0)
+    out = tmp_path / "table.md"
+
+    def partial(done, results):
+        bench.write_partial(out, "header line", stages, done, results, {"device": "cpu"})
+
+    with pytest.raises(RuntimeError, match="rm-cai"):
+        bench.measure(stages, args, tmp_path / "spec.json", tmp_path, 10.0, on_group=partial)
+    assert calls == ["sft-cai", "sft-trl", "sft-trl", "sft-cai", "rm-cai"]
+    text = out.read_text()
+    assert text.startswith("header line") and "**Partial**: still to run: rm, ppo" in text
+    rows = table_rows(text)
+    assert set(rows) == {"SFT"} and rows["SFT"][4] == "**2.00x**" and rows["SFT"][9] == "not checked"

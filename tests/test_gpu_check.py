@@ -56,3 +56,18 @@ def test_gpu_check_refuses_unknown_sections(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "unknown warp" in proc.stderr
+
+
+def test_a_section_cut_off_keeps_what_its_run_wrote(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    log, out = tmp_path / "bench.log", tmp_path / "bench.md"
+    log.write_text("  sft-cai run 1: 100 tokens/s\n")
+    out.write_text("**Partial**: still to run: ppo\n\n| SFT | tokens/s |\n")
+    text = gpu_check.failed("bench_vs_trl.py", 124, log, out)
+    assert "exit status 124; 124: the section's time limit" in text and "sft-cai run 1" in text
+    assert text.endswith("What it wrote before it stopped:\n\n**Partial**: still to run: ppo\n\n| SFT | tokens/s |\n\n")
+    assert "wrote before" not in gpu_check.failed("bench_vs_trl.py", 1, log, tmp_path / "missing.md")
