@@ -223,7 +223,11 @@ def _nested_overrides(fn, parser, args: list[str]) -> list[str]:
         if m.group(3) is None and i + 1 == len(args):
             parser.error(f"{args[i]}: expected a value")
         value = m.group(3) if m.group(3) is not None else args[i + 1]
-        nested.append((m.group(1), m.group(2).split("."), yaml.safe_load(value)))
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass  # not YAML (e.g. "a: b: c"): the stage's own parser reads the string
+        nested.append((m.group(1), m.group(2).split("."), value))
         i += 1 if m.group(3) is not None else 2
     if not nested:
         return args
@@ -236,7 +240,7 @@ def _nested_overrides(fn, parser, args: list[str]) -> list[str]:
             d[key] = dict(d[key]) if isinstance(d.get(key), dict) else {}
             d = d[key]
         d[keys[-1]] = value
-    return rest + [arg for option, d in merged.items() for arg in (f"--{option}", json.dumps(d))]
+    return rest + [arg for option, d in merged.items() for arg in (f"--{option}", json.dumps(d, default=str))]
 
 
 def check_stage(name: str, kwargs: dict, pending: frozenset[str] = frozenset()) -> None:
