@@ -344,10 +344,12 @@ class PPOModule(HFModule):
                 entropy = masked_mean(entropy_from_logits(logits if cfg.ent_coef else logits.detach()), mask[rows])
                 loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                 self._check_finite(step="loss", loss=loss.detach())
-                optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 self.clip_gradients(optimizer, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
+                # Free the gradients now, not before the next backward: the next minibatch's forward pass then runs
+                # without a second copy of the trained weights' size held (as transformers.Trainer and TRL do).
+                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 stats["pg"].append(pg_loss.detach())
                 stats["vf"].append(vf_loss.detach())
