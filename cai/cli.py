@@ -210,6 +210,8 @@ def _nested_overrides(fn, parser, args: list[str]) -> list[str]:
 
     import yaml
 
+    from cai.stages.pipeline_calls import deep_merge
+
     hints = typing.get_type_hints(fn)
     dict_options = {k for k, t in hints.items() if t is dict or dict in typing.get_args(t)}
     rest, nested = [], []  # nested: (option, [key, ...], value)
@@ -235,11 +237,9 @@ def _nested_overrides(fn, parser, args: list[str]) -> list[str]:
     base = parser.parse_args(shown)  # the config files and flat overrides, without printing and exiting
     merged: dict[str, dict] = {}
     for option, keys, value in nested:
-        d = merged.setdefault(option, dict(base[option] or {}))  # copies, level by level: the parse is not changed
-        for key in keys[:-1]:
-            d[key] = dict(d[key]) if isinstance(d.get(key), dict) else {}
-            d = d[key]
-        d[keys[-1]] = value
+        for key in reversed(keys):  # a.b.c = v -> {a: {b: {c: v}}}
+            value = {key: value}
+        merged[option] = deep_merge(merged.get(option, base[option] or {}), value)
     return rest + [arg for option, d in merged.items() for arg in (f"--{option}", json.dumps(d, default=str))]
 
 
